@@ -1,0 +1,195 @@
+"""enable() / disable(): sparse decoding inside an unmodified transformers model.
+
+How it hooks in, without replacing any forward method:
+- an attention function registered with transformers' `AttentionInterface` (and `sdpa_mask` with
+  `AttentionMaskInterface` under the same name), selected by `model.set_attn_implementation`;
+- a forward pre-hook on the decoder that swaps the empty default cache for a `SpotlightCache`,
+  records the 2-D padding mask in it, and passes it down as the `spotlight` kwarg, which
+  transformers forwards to the attention function.
+Prefill (query length > 1) runs dense SDPA; keys are hashed as they enter the cache. Decode
+(query length 1) selects per KV head, then attends over only the selected rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from spotlight_attn.cache import SpotlightCache
+from spotlight_attn.config import Method, SpotlightConfig
+from spotlight_attn.errors import HasherMismatchError, SpotlightError
+from spotlight_attn.hashing.checkpoint import check_geometry
+from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
+from spotlight_attn.kernels.sparse_decode import sparse_decode
+from spotlight_attn.models import ModelGeometry
+from spotlight_attn.selection.selectors import (
+    DenseSelector,
+    HashSelector,
+    OracleSelector,
+    QuestSelector,
+    Selector,
+    StreamingSelector,
+)
+
+logger = logging.getLogger(__name__)
+ATTENTION_NAME = "spotlight"
+
+
+@dataclass
+class Installed:
+    """What enable() put on a model; lives at `model.spotlight` until disable()."""
+
+    config: SpotlightConfig
+    selector: Selector
+    geometry: ModelGeometry
+    previous_attention: str
+    hook: torch.utils.hooks.RemovableHandle
+
+    def new_cache(self) -> SpotlightCache:
+        specs = [
+            (None, None) if i in self.config.dense_layers else self.selector.key_index(i)
+            for i in range(self.geometry.num_layers)
+        ]
+        cache = SpotlightCache(specs)
+        cache.spotlight = self  # the attention function reads config and selector from here
+        cache.read = cache.cached = 0  # keys read / valid keys held, summed over decode steps (see read_fraction)
+        return cache
+
+
+def read_fraction(cache: SpotlightCache) -> float:
+    """Mean fraction of the valid cached keys that sparse decode steps read (dense layers count as 1)."""
+    if not getattr(cache, "cached", 0):
+        return 1.0
+    return float(cache.read) / float(cache.cached)
+
+
+def spotlight_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, spotlight=None, **kwargs):
+    """transformers attention interface: query [B, Hq, S, D], key/value [B, Hkv, T, D] -> ([B, S, Hq, D], None)."""
+    layer_idx = module.layer_idx
+    installed = getattr(spotlight, "spotlight", None)
+    dense = (
+        installed is None
+        or query.shape[2] != 1
+        or installed.config.method is Method.DENSE
+        or layer_idx in installed.config.dense_layers
+    )
+    if dense:
+        if installed is not None and query.shape[2] == 1:
+            valid = spotlight.layers[layer_idx].key_valid.sum()
+            spotlight.read, spotlight.cached = spotlight.read + valid * key.shape[1], spotlight.cached + valid * key.shape[1]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer = spotlight.layers[layer_idx]
+    indices = installed.selector.select(query, layer, installed.config.budget_spec, scaling)  # [B, Hkv, k]
+    out = sparse_decode(query, key, value, indices, scaling)  # [B, Hq, 1, D]
+    spotlight.read = spotlight.read + (indices >= 0).sum()
+    spotlight.cached = spotlight.cached + layer.key_valid.sum() * key.shape[1]
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION_NAME, spotlight_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, device) -> Selector:
+    """The selector for config.method, checking that `hasher` fits it and the model."""
+    method = config.method
+    needs = {Method.SPOTLIGHT: MLPHasher, Method.LINEAR: LinearHasher}
+    if hasher is not None:
+        if method not in needs:
+            raise HasherMismatchError(f"method '{method.value}' takes no hasher; pass None")
+        if not isinstance(hasher, needs[method]):
+            raise HasherMismatchError(f"method '{method.value}' needs a {needs[method].__name__}, got {type(hasher).__name__}")
+        check_geometry(hasher.geometry.to_dict(), geometry, "the hasher")
+    sparse_layers = [i for i in range(geometry.num_layers) if i not in config.dense_layers]
+    if method is Method.SPOTLIGHT:
+        if hasher is None:
+            raise HasherMismatchError(
+                "method 'spotlight' needs a learned hasher: load one with load_hasher(), "
+                "train one with `spotlight train`, or pick a method that needs none (oracle, linear, quest, streaming)"
+            )
+        missing = [i for i in sparse_layers if i not in hasher.layers]
+        if missing:
+            raise HasherMismatchError(f"the hasher has no hash for layers {missing}; add them to dense_layers or retrain")
+    if method is Method.LINEAR and hasher is None:
+        hasher = LinearHasher(geometry, bits=config.bits, seed=config.seed, layers=sparse_layers)
+    if hasher is not None:
+        hasher = hasher.to(device).eval().requires_grad_(False)
+        return HashSelector(hasher, method)
+    return {
+        Method.DENSE: DenseSelector,
+        Method.ORACLE: OracleSelector,
+        Method.STREAMING: StreamingSelector,
+    }.get(method, lambda: QuestSelector(config.page_size))()
+
+
+def _decoder(model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return decoder if decoder is not None else model
+
+
+def _before_decoder_forward(installed: Installed, signature: inspect.Signature, module, args, kwargs):
+    if args:  # called positionally: name everything, so the cache and mask can be found and replaced
+        kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+        kwargs.update(kwargs.pop("kwargs", {}))
+    use_cache = kwargs.get("use_cache")
+    use_cache = module.config.use_cache if use_cache is None else use_cache
+    cache = kwargs.get("past_key_values")
+    if cache is None and not use_cache:
+        return (), kwargs  # no cache: every call is a full dense forward
+    if getattr(cache, "spotlight", None) is not installed:
+        if cache is not None and cache.get_seq_length() > 0:
+            raise SpotlightError(
+                "this cache already holds tokens that spotlight did not index; start from past_key_values=None "
+                "(generate() does) or from a cache made after enable()"
+            )
+        cache = installed.new_cache()
+    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    batch, new = inputs.shape[0], inputs.shape[1]
+    cache.set_attention_mask(kwargs.get("attention_mask"), cache.get_seq_length() + new, batch)
+    kwargs["past_key_values"] = cache
+    kwargs["spotlight"] = cache
+    return (), kwargs
+
+
+def enable(model, hasher=None, config: SpotlightConfig | None = None):
+    """Make `model` decode sparsely. Returns the model. Calling it again replaces the earlier setting."""
+    config = config or SpotlightConfig()
+    geometry = ModelGeometry.from_model(model)
+    bad = [i for i in config.dense_layers if i >= geometry.num_layers]
+    if bad:
+        raise SpotlightError(f"dense_layers {bad} are outside the model's {geometry.num_layers} layers")
+    if getattr(model, "spotlight", None) is not None:
+        disable(model)
+    device = next(model.parameters()).device
+    selector = make_selector(config, hasher, geometry, device)
+    previous = model.config._attn_implementation
+    decoder = _decoder(model)
+    signature = inspect.signature(decoder.forward)
+    installed = Installed(config, selector, geometry, previous, hook=None)
+    installed.hook = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: _before_decoder_forward(installed, signature, module, args, kwargs),
+        with_kwargs=True,
+    )
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.spotlight = installed
+    logger.info("spotlight enabled: method=%s budget=%s dense_layers=%s", config.method.value, config.budget, config.dense_layers)
+    return model
+
+
+def disable(model):
+    """Undo enable(): the model's own attention and cache again. Returns the model."""
+    installed = getattr(model, "spotlight", None)
+    if installed is None:
+        return model
+    installed.hook.remove()
+    model.set_attn_implementation(installed.previous_attention)
+    del model.spotlight
+    return model

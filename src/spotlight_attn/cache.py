@@ -1,0 +1,135 @@
+"""A transformers `Cache` that keeps, beside each layer's K/V, what its selector needs.
+
+- Hash selectors: packed key codes [B, Hkv, T, W] int32; each key is hashed once, when it enters.
+- Quest: per-page min and max of the keys [B, Hkv, pages, D], over valid tokens only.
+- All layers share one `SequenceState`: which cached positions are real tokens (key_valid [B, T]),
+  set from the 2-D attention mask before each forward (left padding is never selected).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+KeyHasher = Callable[[torch.Tensor], torch.Tensor]  # keys [B, Hkv, n, D] -> codes [B, Hkv, n, W]
+
+
+class SequenceState:
+    """Per-sequence facts every layer shares: which positions hold real tokens."""
+
+    def __init__(self):
+        self.key_valid: torch.Tensor | None = None  # [B, T_total] bool, None = all valid
+
+    def valid(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """[B, length] bool for the first `length` cached positions."""
+        if self.key_valid is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
+        return self.key_valid[:, :length].to(device)
+
+
+class SpotlightLayer(DynamicLayer):
+    """DynamicLayer + key codes and/or Quest page bounds, kept in step with K/V."""
+
+    def __init__(self, seq: SequenceState, layer_idx: int, key_hasher: KeyHasher | None = None, page_size: int | None = None):
+        super().__init__()
+        self.seq = seq
+        self.layer_idx = layer_idx
+        self.key_hasher = key_hasher
+        self.page_size = page_size
+        self.codes: torch.Tensor | None = None  # [B, Hkv, T, W] int32
+        self.page_min: torch.Tensor | None = None  # [B, Hkv, pages, D]
+        self.page_max: torch.Tensor | None = None
+
+    @property
+    def key_valid(self) -> torch.Tensor:
+        """[B, T] bool over this layer's cached positions."""
+        return self.seq.valid(self.keys.shape[0], self.keys.shape[-2], self.keys.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.get_seq_length()
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.key_hasher is not None:
+            new_codes = self.key_hasher(key_states)  # [B, Hkv, n, W]
+            self.codes = new_codes if self.codes is None or start == 0 else torch.cat([self.codes, new_codes], dim=-2)
+        if self.page_size is not None:
+            self._update_pages(start)
+        return keys, values
+
+    def _update_pages(self, start: int) -> None:
+        """Recompute the bounds of every page touched since `start` (at most one old page)."""
+        size = self.page_size
+        first = (start // size) * size
+        chunk = self.keys[:, :, first:]  # [B, Hkv, n, D]
+        b, h, n, d = chunk.shape
+        valid = self.key_valid[:, first:, None]  # [B, n, 1]
+        pad = (-n) % size
+        lo = chunk.masked_fill(~valid[:, None], float("inf"))
+        hi = chunk.masked_fill(~valid[:, None], float("-inf"))
+        lo = torch.nn.functional.pad(lo, (0, 0, 0, pad), value=float("inf")).view(b, h, -1, size, d).amin(3)
+        hi = torch.nn.functional.pad(hi, (0, 0, 0, pad), value=float("-inf")).view(b, h, -1, size, d).amax(3)
+        empty = torch.isinf(lo) & (lo > 0)  # pages holding no valid token: bound is irrelevant, keep it finite
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)  # [B, Hkv, new pages, D]
+        kept = first // size
+        if self.page_min is None or kept == 0:
+            self.page_min, self.page_max = lo, hi
+        else:
+            self.page_min = torch.cat([self.page_min[:, :, :kept], lo], dim=2)
+            self.page_max = torch.cat([self.page_max[:, :, :kept], hi], dim=2)
+
+    # The rest keeps codes and pages in step with transformers' own cache edits.
+    def _rebuild_pages(self) -> None:
+        if self.page_size is not None and self.get_seq_length() > 0:
+            self.page_min = self.page_max = None
+            self._update_pages(0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.codes is not None:
+            self.codes = self.codes[..., : self.get_seq_length(), :]
+        self._rebuild_pages()
+
+    def _map_batch(self, fn) -> None:
+        if self.codes is not None:
+            self.codes = fn(self.codes)
+        if self.page_min is not None:
+            self.page_min, self.page_max = fn(self.page_min), fn(self.page_max)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        super().reset()
+        self.codes = self.page_min = self.page_max = None
+
+
+class SpotlightCache(Cache):
+    """One SpotlightLayer per model layer, all sharing one SequenceState."""
+
+    def __init__(self, layer_specs: list[tuple[KeyHasher | None, int | None]]):
+        """layer_specs[i] = (key hasher or None, Quest page size or None) for layer i."""
+        self.seq = SequenceState()
+        layers = [SpotlightLayer(self.seq, i, hasher, page) for i, (hasher, page) in enumerate(layer_specs)]
+        super().__init__(layers=layers)
+
+    def set_attention_mask(self, attention_mask: torch.Tensor | None, total_length: int, batch: int) -> None:
+        """Record which of the `total_length` positions (past + new) are real tokens, from a [B, T] 0/1 mask."""
+        if attention_mask is None:
+            self.seq.key_valid = None
+            return
+        if attention_mask.dim() != 2 or attention_mask.shape != (batch, total_length):
+            raise ValueError(
+                f"spotlight expects a 2-D attention_mask of shape (batch, past + new tokens) = "
+                f"({batch}, {total_length}), got {tuple(attention_mask.shape)}"
+            )
+        self.seq.key_valid = attention_mask.bool()

@@ -1,0 +1,158 @@
+"""Typed configs. Each checks itself on construction and serialises to JSON-ready dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from spotlight_attn.errors import SpotlightError
+
+
+class Method(str, Enum):
+    """Which selector picks the keys a decode step reads."""
+
+    DENSE = "dense"  # every valid key (the model's own attention, through our path)
+    ORACLE = "oracle"  # exact top-k of group-summed attention probability: the upper bound
+    SPOTLIGHT = "spotlight"  # learned non-linear hash codes (needs a hasher)
+    LINEAR = "linear"  # SimHash: sign of seeded random projections, `bits` wide
+    QUEST = "quest"  # per-page min/max key bound, `page_size` tokens a page
+    STREAMING = "streaming"  # attention sinks + the most recent tokens
+
+
+class Placement(str, Enum):
+    """Where the learned hash sits: one per KV head for queries and keys, or a query hash per query head."""
+
+    SHARED = "shared"
+    ASYMMETRIC = "asymmetric"
+
+
+@dataclass(slots=True, frozen=True)
+class Budget:
+    """How many cached tokens one decode step reads, per (batch row, KV head).
+
+    `amount` is a fraction of the row's valid tokens when it is a float in [0, 1], or an absolute
+    token count when it is an int >= 0. The count is then raised to `min_tokens` and capped at the
+    valid tokens. The first `sink` and last `window` valid tokens are always read and count INSIDE
+    the budget; when they alone exceed it, the row reads them anyway (k grows to sink + window).
+    """
+
+    amount: float | int = 0.02
+    min_tokens: int = 20
+    sink: int = 4
+    window: int = 16
+
+    def __post_init__(self):
+        amount = self.amount
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise SpotlightError(f"budget must be a fraction in [0, 1] or a token count, got {amount!r}")
+        if isinstance(amount, float) and not (0.0 <= amount <= 1.0 and math.isfinite(amount)):
+            raise SpotlightError(
+                f"budget {amount!r} is out of range: a float budget is a fraction in [0, 1] "
+                "(pass an int for an absolute token count)"
+            )
+        if isinstance(amount, int) and amount < 0:
+            raise SpotlightError(f"budget {amount!r} is out of range: a token count must be >= 0")
+        for name in ("min_tokens", "sink", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SpotlightError(f"{name} must be an int >= 0, got {value!r}")
+
+    @property
+    def is_fraction(self) -> bool:
+        return isinstance(self.amount, float)
+
+    def tokens_for(self, n_valid: int) -> int:
+        """Tokens read by a row holding `n_valid` valid tokens (forced sink/window included)."""
+        if self.is_fraction:
+            wanted = math.ceil(self.amount * n_valid - 1e-9)
+        else:
+            wanted = int(self.amount)
+        wanted = max(wanted, self.min_tokens, min(self.sink + self.window, n_valid))
+        return min(wanted, n_valid)
+
+
+def parse_budget(text: str) -> float | int:
+    """CLI form: '0.02' or '2%' is a fraction, '512' a token count."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        if any(c in text for c in ".eE"):
+            return float(text)
+        return int(text)
+    except ValueError:
+        raise SpotlightError(f"budget {text!r} is not a number: use a fraction like 0.02, '2%', or a count like 512")
+
+
+@dataclass(slots=True)
+class SpotlightConfig:
+    """What `enable()` installs: the selector, its budget, and the layers it leaves dense."""
+
+    method: Method | str = Method.SPOTLIGHT
+    budget: float | int = 0.02
+    min_tokens: int = 20
+    sink: int = 4
+    window: int = 16
+    dense_layers: tuple[int, ...] = (0, 1)
+    bits: int = 128  # LINEAR only: SimHash code length (any width >= 1)
+    seed: int = 0  # LINEAR only: projection seed
+    page_size: int = 16  # QUEST only
+    force_reference: bool = False  # run the pure-torch reference even where a GPU kernel exists
+
+    def __post_init__(self):
+        try:
+            self.method = Method(self.method)
+        except ValueError:
+            names = ", ".join(m.value for m in Method)
+            raise SpotlightError(f"unknown method {self.method!r}; choose one of: {names}") from None
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        if any(i < 0 for i in self.dense_layers):
+            raise SpotlightError(f"dense_layers must be layer indices >= 0, got {self.dense_layers}")
+        if not isinstance(self.bits, int) or self.bits < 1:
+            raise SpotlightError(f"bits must be an int >= 1, got {self.bits!r}")
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise SpotlightError(f"page_size must be an int >= 1, got {self.page_size!r}")
+        self.budget_spec  # validates budget, min_tokens, sink, window
+
+    @property
+    def budget_spec(self) -> Budget:
+        return Budget(self.budget, self.min_tokens, self.sink, self.window)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["method"] = self.method.value
+        out["dense_layers"] = list(self.dense_layers)
+        return out
+
+
+@dataclass(slots=True)
+class HasherConfig:
+    """Shape of a learned hash: a residual MLP stack per head, then a projection to `bits` signs."""
+
+    bits: int = 128
+    depth: int = 2  # residual blocks x + W2 silu(W1 x)
+    width: int = 128  # hidden width of each block
+    placement: Placement | str = Placement.SHARED
+    init_scale: float = 0.02  # std of the block weights: small, so an untrained hash is close to SimHash
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or self.bits % 32 or not 32 <= self.bits <= 256:
+            raise SpotlightError(f"bits must be a multiple of 32 from 32 to 256, got {self.bits!r}")
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise SpotlightError(f"depth must be an int >= 0, got {self.depth!r}")
+        if not isinstance(self.width, int) or self.width < 1:
+            raise SpotlightError(f"width must be an int >= 1, got {self.width!r}")
+        try:
+            self.placement = Placement(self.placement)
+        except ValueError:
+            raise SpotlightError(
+                f"unknown placement {self.placement!r}; choose 'shared' or 'asymmetric'"
+            ) from None
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["placement"] = self.placement.value
+        return out
+

@@ -1,0 +1,147 @@
+"""Hasher checkpoints: safetensors tensors + a JSON header, validated on load, written atomically.
+
+Header (safetensors metadata, all strings):
+  format          "spotlight-attn/hasher"
+  format_version  "1"
+  kind            "mlp" | "linear"
+  model           JSON: family, num_layers, num_q_heads, num_kv_heads, head_dim (+ rope_theta, max_positions)
+  hasher          JSON: HasherConfig (mlp) or {"bits", "seed"} (linear)
+  layers          JSON list of the layer indices the hasher covers
+  training        JSON: free-form training settings and results (may be {})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from spotlight_attn.config import HasherConfig
+from spotlight_attn.errors import CheckpointError, HasherMismatchError
+from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
+
+FORMAT = "spotlight-attn/hasher"
+FORMAT_VERSION = "1"
+CHECKED_FIELDS = ("family", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+
+
+def _geometry_of(model_or_geometry):
+    if hasattr(model_or_geometry, "num_kv_heads"):
+        return model_or_geometry
+    from spotlight_attn.models import ModelGeometry
+
+    return ModelGeometry.from_model(model_or_geometry)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_hasher(hasher: MLPHasher | LinearHasher, path: str | os.PathLike, training: dict | None = None) -> Path:
+    """Write `hasher` to `path` (safetensors + header). Returns the path."""
+    path = Path(path)
+    geometry = hasher.geometry
+    if isinstance(hasher, MLPHasher):
+        kind, hasher_meta = "mlp", hasher.config.to_dict()
+    else:
+        kind, hasher_meta = "linear", {"bits": hasher.bits, "seed": hasher.seed}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model": json.dumps(geometry.to_dict()),
+        "hasher": json.dumps(hasher_meta),
+        "layers": json.dumps(list(hasher.layers)),
+        "training": json.dumps(training or {}),
+    }
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in hasher.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The parsed header of a hasher file. Raises CheckpointError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"hasher file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a spotlight-attn hasher (header format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has hasher format_version {metadata.get('format_version')!r}; this library reads {FORMAT_VERSION}"
+        )
+    header = {"kind": metadata.get("kind")}
+    for key in ("model", "hasher", "layers", "training"):
+        try:
+            header[key] = json.loads(metadata[key])
+        except (KeyError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} has a missing or corrupt '{key}' header field") from None
+    if header["kind"] not in ("mlp", "linear"):
+        raise CheckpointError(f"{path} has unknown hasher kind {header['kind']!r}")
+    return header
+
+
+def check_geometry(header_model: dict, geometry, source: str) -> None:
+    """Refuse a hasher trained for another model, naming the first field that differs."""
+    actual = geometry.to_dict()
+    for field in CHECKED_FIELDS:
+        if header_model.get(field) != actual.get(field):
+            raise HasherMismatchError(
+                f"{source} was trained for a model with {field}={header_model.get(field)!r}, "
+                f"but this model has {field}={actual.get(field)!r}"
+            )
+
+
+def load_hasher(path: str | os.PathLike, model, device: torch.device | str | None = None) -> MLPHasher | LinearHasher:
+    """Load a hasher and check it against `model` (a transformers model or a ModelGeometry)."""
+    path = Path(path)
+    header = read_header(path)
+    geometry = _geometry_of(model)
+    check_geometry(header["model"], geometry, str(path))
+    if header["kind"] == "mlp":
+        try:
+            config = HasherConfig(**header["hasher"])
+        except TypeError as err:
+            raise CheckpointError(f"{path} has a corrupt 'hasher' header field ({err})") from None
+        hasher = MLPHasher(geometry, config, layers=header["layers"])
+    else:
+        hasher = LinearHasher(geometry, bits=header["hasher"]["bits"], seed=header["hasher"]["seed"], layers=header["layers"])
+    expected = hasher.state_dict()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+                raise CheckpointError(f"{path} tensors do not match its header (missing {missing[:3]}, unexpected {extra[:3]})")
+            tensors = {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt ({err})") from None
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, header implies {tuple(expected[name].shape)}"
+            )
+    hasher.load_state_dict(tensors)
+    hasher.training_info = header["training"]
+    if device is not None:
+        hasher.to(device)
+    return hasher.eval().requires_grad_(False)

@@ -1,0 +1,152 @@
+"""Hash functions that turn post-RoPE queries and keys into short binary codes.
+
+Head order follows transformers' `repeat_kv`: query head j belongs to KV head j // G.
+
+- `MLPHasher`: learned, non-linear. Per (layer, head): `depth` residual blocks
+  x <- x + W2 silu(W1 x + b1) + b2 on the head dim, then a projection P to `bits` outputs.
+  Training uses soft codes s = g h / (1 + |g h|); inference uses sign(h) packed into int32 words.
+  With the block weights near zero an untrained MLPHasher is SimHash through P.
+- `LinearHasher`: SimHash, sign of seeded Gaussian projections, any bit width. Nothing to train.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from spotlight_attn.config import HasherConfig, Placement
+from spotlight_attn.errors import HasherMismatchError
+from spotlight_attn.kernels.pack import num_words, pack_signs
+
+
+class HeadBank(nn.Module):
+    """One hash per head for `num_heads` heads: residual SiLU MLP stack, then projection to bits."""
+
+    def __init__(self, num_heads: int, head_dim: int, config: HasherConfig, generator: torch.Generator):
+        super().__init__()
+        n, d, w, depth = num_heads, head_dim, config.width, config.depth
+
+        def randn(*shape, std):
+            return nn.Parameter(torch.randn(*shape, generator=generator) * std)
+
+        self.w1 = randn(depth, n, d, w, std=config.init_scale)
+        self.b1 = nn.Parameter(torch.zeros(depth, n, 1, w))
+        self.w2 = randn(depth, n, w, d, std=config.init_scale)
+        self.b2 = nn.Parameter(torch.zeros(depth, n, 1, d))
+        self.proj = randn(n, d, config.bits, std=d**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, n, S, D] -> pre-sign hash [B, n, S, bits], in the bank's dtype."""
+        x = x.to(self.proj.dtype)
+        for i in range(self.w1.shape[0]):
+            hidden = nn.functional.silu(x @ self.w1[i] + self.b1[i])  # [B, n, S, width]
+            x = x + hidden @ self.w2[i] + self.b2[i]  # [B, n, S, D]
+        return x @ self.proj  # [B, n, S, bits]
+
+
+def soft_sign(hashed: torch.Tensor, gain: float) -> torch.Tensor:
+    """Smooth sign used in training: g h / (1 + |g h|), in (-1, 1)."""
+    scaled = gain * hashed
+    return scaled / (1 + scaled.abs())
+
+
+class _HasherBase(nn.Module):
+    """Shared plumbing: which layers are covered, GQA head folding, packing."""
+
+    bits: int
+    placement: Placement
+
+    def __init__(self, geometry, layers: Sequence[int]):
+        super().__init__()
+        self.geometry = geometry
+        self.layers = tuple(sorted(int(i) for i in layers))
+        bad = [i for i in self.layers if not 0 <= i < geometry.num_layers]
+        if bad:
+            raise HasherMismatchError(f"hasher layers {bad} are outside the model's {geometry.num_layers} layers")
+
+    @property
+    def words(self) -> int:
+        return num_words(self.bits)
+
+    def _bank(self, kind: str, layer: int) -> nn.Module:
+        if layer not in self.layers:
+            raise HasherMismatchError(f"hasher has no hash for layer {layer} (it covers layers {list(self.layers)})")
+        return self.banks[f"{kind}{layer}"]
+
+    def hash_keys(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """keys [B, Hkv, T, D] -> pre-sign hash [B, Hkv, T, bits]."""
+        return self._bank("k", layer)(keys)
+
+    def hash_queries(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """queries [B, Hq, S, D] -> pre-sign hash [B, Hq, S, bits]."""
+        if self.placement is Placement.ASYMMETRIC:
+            return self._bank("q", layer)(queries)
+        b, hq, s, d = queries.shape
+        hkv = self.geometry.num_kv_heads
+        folded = queries.reshape(b, hkv, (hq // hkv) * s, d)  # [B, Hkv, G*S, D]: each KV head's queries
+        return self._bank("k", layer)(folded).reshape(b, hq, s, -1)
+
+    def key_codes(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """keys [B, Hkv, T, D] -> packed codes [B, Hkv, T, W] int32."""
+        with torch.no_grad():
+            return pack_signs(self.hash_keys(layer, keys))
+
+    def query_codes(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """queries [B, Hq, S, D] -> packed codes [B, Hq, S, W] int32."""
+        with torch.no_grad():
+            return pack_signs(self.hash_queries(layer, queries))
+
+    def soft_keys(self, layer: int, keys: torch.Tensor, gain: float = 64.0) -> torch.Tensor:
+        return soft_sign(self.hash_keys(layer, keys), gain)
+
+    def soft_queries(self, layer: int, queries: torch.Tensor, gain: float = 64.0) -> torch.Tensor:
+        return soft_sign(self.hash_queries(layer, queries), gain)
+
+
+class MLPHasher(_HasherBase):
+    """Learned non-linear hash for the listed layers of a model of the given geometry."""
+
+    def __init__(self, geometry, config: HasherConfig | None = None, layers: Sequence[int] | None = None, seed: int = 0):
+        config = config or HasherConfig()
+        super().__init__(geometry, range(geometry.num_layers) if layers is None else layers)
+        self.config = config
+        self.bits = config.bits
+        self.placement = config.placement
+        generator = torch.Generator().manual_seed(seed)
+        d = geometry.head_dim
+        banks = {}
+        for layer in self.layers:
+            banks[f"k{layer}"] = HeadBank(geometry.num_kv_heads, d, config, generator)
+            if config.placement is Placement.ASYMMETRIC:
+                banks[f"q{layer}"] = HeadBank(geometry.num_q_heads, d, config, generator)
+        self.banks = nn.ModuleDict(banks)
+
+
+class _Projection(nn.Module):
+    def __init__(self, proj: torch.Tensor):
+        super().__init__()
+        self.register_buffer("proj", proj)  # [Hkv, D, bits]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.proj.dtype) @ self.proj  # [B, n, S, bits]
+
+
+class LinearHasher(_HasherBase):
+    """SimHash baseline: sign(x @ R) with R ~ N(0, 1) seeded per layer, shared by queries and keys."""
+
+    placement = Placement.SHARED
+
+    def __init__(self, geometry, bits: int = 128, seed: int = 0, layers: Sequence[int] | None = None):
+        super().__init__(geometry, range(geometry.num_layers) if layers is None else layers)
+        if bits < 1:
+            raise HasherMismatchError(f"bits must be >= 1, got {bits}")
+        self.bits = bits
+        self.seed = seed
+        banks = {}
+        for layer in self.layers:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+            proj = torch.randn(geometry.num_kv_heads, geometry.head_dim, bits, generator=generator)
+            banks[f"k{layer}"] = _Projection(proj)
+        self.banks = nn.ModuleDict(banks)

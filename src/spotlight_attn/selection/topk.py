@@ -1,0 +1,52 @@
+"""The selection rules every selector shares, as a pure-torch reference.
+
+Given per-token scores for each (batch row, KV head), pick the positions a decode step reads:
+- a row holding n valid tokens reads k_row = Budget.tokens_for(n) of them (config.py says how);
+- the first `sink` and last `window` valid tokens are always picked (inside k_row);
+- padding (key_valid == False) is never picked;
+- the rest go by score, highest first; equal scores prefer the more recent token;
+- every row of the output has the same k = max k_row; a row's unused slots hold -1;
+- a row's picked positions come sorted ascending, -1 slots last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spotlight_attn.config import Budget
+
+
+def rows_budget(key_valid: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """key_valid [B, T] bool -> tokens read per row [B] int64."""
+    n_valid = key_valid.sum(-1).tolist()
+    return torch.tensor([budget.tokens_for(int(n)) for n in n_valid], dtype=torch.int64, device=key_valid.device)
+
+
+def forced_mask(key_valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """key_valid [B, T] bool -> [B, T] bool: the first `sink` and the last `window` valid tokens."""
+    rank = key_valid.cumsum(-1) - 1  # [B, T] index among valid tokens
+    n_valid = key_valid.sum(-1, keepdim=True)  # [B, 1]
+    forced = (rank < sink) | (rank >= n_valid - window)
+    return forced & key_valid
+
+
+def select_topk(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """scores [B, H, T] (int or float), key_valid [B, T] bool -> indices [B, H, k] int64 (-1 = unused)."""
+    b, h, t = scores.shape
+    k_rows = rows_budget(key_valid, budget)  # [B]
+    k = int(k_rows.max()) if b else 0
+    if k == 0:
+        return torch.full((b, h, 0), -1, dtype=torch.int64, device=scores.device)
+
+    priority = scores.to(torch.float64).nan_to_num(nan=float("-inf"))
+    forced = forced_mask(key_valid, budget.sink, budget.window)[:, None, :]  # [B, 1, T]
+    priority = priority.masked_fill(forced, float("inf"))
+    priority = priority.masked_fill(~key_valid[:, None, :], float("-inf"))
+
+    # Stable sort over the time-reversed row: among equal priorities the more recent token comes first.
+    order = torch.sort(priority.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k]  # [B, H, k]
+    picked = (t - 1) - order
+    unused = torch.arange(k, device=scores.device)[None, None, :] >= k_rows[:, None, None]  # [B, 1, k]
+    picked = picked.masked_fill(unused, t)  # sort unused slots last, then mark them -1
+    picked = picked.sort(dim=-1).values
+    return picked.masked_fill(picked == t, -1)

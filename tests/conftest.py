@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models of each supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_model(family: str = "llama", q_heads: int = 4, kv_heads: int = 2, head_dim: int = 16, layers: int = 3, seed: int = 0):
+    """A random decoder of the given family and attention geometry, fp32, eval mode, on the CPU."""
+    config_cls, model_cls = FAMILIES[family]
+    extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+    config = config_cls(
+        vocab_size=128,
+        hidden_size=q_heads * head_dim,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=q_heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # Larger-than-default weights give peaky attention, so selection choices change the output.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture
+def make_tiny_model():
+    return tiny_model
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads the real SmolLM2-135M model")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
