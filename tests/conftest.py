@@ -33,6 +33,7 @@ def tiny_model(family: str = "llama", q_heads: int = 4, kv_heads: int = 2, head_
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early, so lengths line up
     # Larger-than-default weights give peaky attention, so selection choices change the output.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,7 +1,8 @@
 """A transformers `Cache` that keeps, beside each layer's K/V, what its selector needs.
 
 - Hash selectors: packed key codes [B, Hkv, T, W] int32; each key is hashed once, when it enters.
-- Quest: per-page min and max of the keys [B, Hkv, pages, D], over valid tokens only.
+- Quest: per-page min and max of the keys [B, Hkv, pages, D]; a page is `page_size` consecutive
+  valid tokens of a row (empty pages hold +inf / -inf).
 - All layers share one `SequenceState`: which cached positions are real tokens (key_valid [B, T]),
   set from the 2-D attention mask before each forward (left padding is never selected).
 """
@@ -57,26 +58,30 @@ class SpotlightLayer(DynamicLayer):
             self._update_pages(start)
         return keys, values
 
+    def page_of_token(self) -> torch.Tensor:
+        """[B, T] int64: the Quest page of each cached position. Pages hold `page_size` consecutive VALID
+        tokens of a row, so a left-padded row is paged exactly as it would be alone. Padding maps to page 0."""
+        valid = self.key_valid
+        rank = valid.cumsum(-1) - 1  # [B, T] index among valid tokens
+        return torch.where(valid, rank // self.page_size, 0)
+
     def _update_pages(self, start: int) -> None:
-        """Recompute the bounds of every page touched since `start` (at most one old page)."""
-        size = self.page_size
-        first = (start // size) * size
-        chunk = self.keys[:, :, first:]  # [B, Hkv, n, D]
-        b, h, n, d = chunk.shape
-        valid = self.key_valid[:, first:, None]  # [B, n, 1]
-        pad = (-n) % size
-        lo = chunk.masked_fill(~valid[:, None], float("inf"))
-        hi = chunk.masked_fill(~valid[:, None], float("-inf"))
-        lo = torch.nn.functional.pad(lo, (0, 0, 0, pad), value=float("inf")).view(b, h, -1, size, d).amin(3)
-        hi = torch.nn.functional.pad(hi, (0, 0, 0, pad), value=float("-inf")).view(b, h, -1, size, d).amax(3)
-        empty = torch.isinf(lo) & (lo > 0)  # pages holding no valid token: bound is irrelevant, keep it finite
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)  # [B, Hkv, new pages, D]
-        kept = first // size
-        if self.page_min is None or kept == 0:
-            self.page_min, self.page_max = lo, hi
-        else:
-            self.page_min = torch.cat([self.page_min[:, :, :kept], lo], dim=2)
-            self.page_max = torch.cat([self.page_max[:, :, :kept], hi], dim=2)
+        """Fold the keys at positions >= start into their pages' running min / max (an append-only update)."""
+        b, h, t, d = self.keys.shape
+        valid = self.key_valid  # [B, T]
+        pages = -(-int(valid.sum(-1).max()) // self.page_size)
+        held = 0 if self.page_min is None else self.page_min.shape[2]
+        grow = max(pages - held, 0) + 1  # +1: a spare last page collects the padding, then is sliced off
+        lo = self.keys.new_full((b, h, grow, d), float("inf"))
+        hi = self.keys.new_full((b, h, grow, d), float("-inf"))
+        self.page_min = lo if self.page_min is None else torch.cat([self.page_min, lo], dim=2)
+        self.page_max = hi if self.page_max is None else torch.cat([self.page_max, hi], dim=2)
+        spare = self.page_min.shape[2] - 1
+        page = torch.where(valid[:, start:], self.page_of_token()[:, start:], spare)  # [B, n]
+        index = page[:, None, :, None].expand(b, h, t - start, d)
+        new_keys = self.keys[:, :, start:]
+        self.page_min = self.page_min.scatter_reduce(2, index, new_keys, "amin")[:, :, :spare]  # [B, Hkv, pages, D]
+        self.page_max = self.page_max.scatter_reduce(2, index, new_keys, "amax")[:, :, :spare]
 
     # The rest keeps codes and pages in step with transformers' own cache edits.
     def _rebuild_pages(self) -> None:

@@ -7,7 +7,8 @@ differ only in how they score a key:
 - Dense: reads every valid key (budget ignored).
 - Oracle: group sum of softmax(q.k * scaling) over valid keys: the exact attention mass, the upper bound.
 - Hash (spotlight / linear): group sum of agreeing code bits (see kernels/score_select.py).
-- Quest: each token scores its page's bound sum_g sum_d max(q_d min_d, q_d max_d), pages of `page_size`.
+- Quest: each token scores its page's bound sum_g sum_d max(q_d min_d, q_d max_d); a page is
+  `page_size` consecutive valid tokens (see cache.py).
 - Streaming: every key scores 0, so the sinks and the most recent tokens fill the budget.
 """
 
@@ -95,9 +96,9 @@ class QuestSelector(Selector):
     def scores(self, query, layer, scaling):
         q = _group_queries(query, layer.keys.shape[1])[:, :, :, None, :]  # [B, Hkv, G, 1, D]
         lo, hi = layer.page_min.float()[:, :, None], layer.page_max.float()[:, :, None]  # [B, Hkv, 1, P, D]
-        bound = torch.maximum(q * lo, q * hi).sum(-1).sum(2)  # [B, Hkv, P]
-        t = layer.keys.shape[-2]
-        return bound.repeat_interleave(self.page_size, dim=-1)[..., :t]  # [B, Hkv, T]
+        bound = torch.maximum(q * lo, q * hi).sum(-1).sum(2)  # [B, Hkv, P]; empty pages are inf/nan, never read
+        page = layer.page_of_token()[:, None, :].expand(-1, bound.shape[1], -1)  # [B, Hkv, T]
+        return bound.gather(2, page)  # [B, Hkv, T]: each token scores its page's bound
 
 
 class StreamingSelector(Selector):
