@@ -4,8 +4,8 @@ How it hooks in, without replacing any forward method:
 - an attention function registered with transformers' `AttentionInterface` (and `sdpa_mask` with
   `AttentionMaskInterface` under the same name), selected by `model.set_attn_implementation`;
 - a forward pre-hook on the decoder that swaps the empty default cache for a `SpotlightCache`,
-  records the 2-D padding mask in it, and passes it down as the `spotlight` kwarg, which
-  transformers forwards to the attention function.
+  records the 2-D padding mask in it, and passes the setting and the cache down as the `spotlight`
+  and `spotlight_cache` kwargs, which transformers forwards to the attention function.
 Prefill (query length > 1) runs dense SDPA; keys are hashed as they enter the cache. Decode
 (query length 1) selects per KV head, then attends over only the selected rows.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -50,6 +51,7 @@ class Installed:
     geometry: ModelGeometry
     previous_attention: str
     hook: torch.utils.hooks.RemovableHandle
+    recorder: Callable | None = None  # recorder(layer_idx, query, key, attention_mask), called on every attention call
 
     def new_cache(self) -> SpotlightCache:
         specs = [
@@ -57,7 +59,7 @@ class Installed:
             for i in range(self.geometry.num_layers)
         ]
         cache = SpotlightCache(specs)
-        cache.spotlight = self  # the attention function reads config and selector from here
+        cache.spotlight = self  # the cache belongs to this setting
         cache.read = cache.cached = 0  # keys read / valid keys held, summed over decode steps (see read_fraction)
         return cache
 
@@ -69,28 +71,32 @@ def read_fraction(cache: SpotlightCache) -> float:
     return float(cache.read) / float(cache.cached)
 
 
-def spotlight_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, spotlight=None, **kwargs):
+def spotlight_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, spotlight=None, spotlight_cache=None, **kwargs
+):
     """transformers attention interface: query [B, Hq, S, D], key/value [B, Hkv, T, D] -> ([B, S, Hq, D], None)."""
     layer_idx = module.layer_idx
-    installed = getattr(spotlight, "spotlight", None)
+    installed, cache = spotlight, spotlight_cache
+    if installed is not None and installed.recorder is not None:
+        installed.recorder(layer_idx, query, key, attention_mask)
     dense = (
-        installed is None
+        cache is None
         or query.shape[2] != 1
         or installed.config.method is Method.DENSE
         or layer_idx in installed.config.dense_layers
     )
     if dense:
-        if installed is not None and query.shape[2] == 1:
-            valid = spotlight.layers[layer_idx].key_valid.sum()
-            spotlight.read, spotlight.cached = spotlight.read + valid * key.shape[1], spotlight.cached + valid * key.shape[1]
+        if cache is not None and query.shape[2] == 1:
+            valid = cache.layers[layer_idx].key_valid.sum() * key.shape[1]
+            cache.read, cache.cached = cache.read + valid, cache.cached + valid
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    layer = spotlight.layers[layer_idx]
+    layer = cache.layers[layer_idx]
     indices = installed.selector.select(query, layer, installed.config.budget_spec, scaling)  # [B, Hkv, k]
     out = sparse_decode(query, key, value, indices, scaling)  # [B, Hq, 1, D]
-    spotlight.read = spotlight.read + (indices >= 0).sum()
-    spotlight.cached = spotlight.cached + layer.key_valid.sum() * key.shape[1]
+    cache.read = cache.read + (indices >= 0).sum()
+    cache.cached = cache.cached + layer.key_valid.sum() * key.shape[1]
     return out.transpose(1, 2), None
 
 
@@ -142,6 +148,7 @@ def _before_decoder_forward(installed: Installed, signature: inspect.Signature, 
     use_cache = kwargs.get("use_cache")
     use_cache = module.config.use_cache if use_cache is None else use_cache
     cache = kwargs.get("past_key_values")
+    kwargs["spotlight"] = installed
     if cache is None and not use_cache:
         return (), kwargs  # no cache: every call is a full dense forward
     if getattr(cache, "spotlight", None) is not installed:
@@ -154,8 +161,7 @@ def _before_decoder_forward(installed: Installed, signature: inspect.Signature, 
     inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     batch, new = inputs.shape[0], inputs.shape[1]
     cache.set_attention_mask(kwargs.get("attention_mask"), cache.get_seq_length() + new, batch)
-    kwargs["past_key_values"] = cache
-    kwargs["spotlight"] = cache
+    kwargs["past_key_values"] = kwargs["spotlight_cache"] = cache
     return (), kwargs
 
 
