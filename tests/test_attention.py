@@ -178,3 +178,15 @@ def test_a_foreign_filled_cache_is_refused():
     sa.enable(model, None, SpotlightConfig(method="oracle"))
     with pytest.raises(SpotlightError, match="did not index"):
         model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_recorder_sees_post_rope_queries_and_keys_of_every_layer():
+    model = tiny_model("llama", 4, 2, 64, layers=3)
+    ids, mask = prompts(batch=1, pad=(0,))
+    sa.enable(model, None, SpotlightConfig(method="dense"))
+    seen = []
+    model.spotlight.recorder = lambda layer, q, k, m: seen.append((layer, tuple(q.shape), tuple(k.shape)))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert seen == [(i, (1, 4, 40, 64), (1, 2, 40, 64)) for i in range(3)]
+    sa.disable(model)
