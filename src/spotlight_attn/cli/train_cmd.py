@@ -1,0 +1,69 @@
+"""`spotlight train`: record a model's queries and keys on a corpus and train a hasher.
+
+    spotlight train --model smollm2-135m --data stdlib --out hasher.safetensors [--bits 128]
+        [--placement shared|asymmetric] [--budget 0.1] [--steps 300] [--chunks 16] [--chunk-len 2048]
+
+Re-running the same command resumes: finished layers are kept, the layer in progress restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("train", help="train a learned hasher for a model", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="local HF folder, .gguf file, or smollm2-135m")
+    parser.add_argument("--data", required=True, help="text file/folder, .jsonl, .parquet, or stdlib|kjv|licenses")
+    parser.add_argument("--out", required=True, type=Path, help="hasher file to write (and resume from)")
+    parser.add_argument("--bits", type=int, default=128)
+    parser.add_argument("--placement", choices=("shared", "asymmetric"), default="shared")
+    parser.add_argument("--width", type=int, default=64, help="hidden width of each residual MLP block")
+    parser.add_argument("--depth", type=int, default=2, help="residual MLP blocks per head")
+    parser.add_argument("--budget", type=float, default=0.1, help="training budget: fraction of the past in the true set")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per layer")
+    parser.add_argument("--chunks", type=int, default=16, help="training chunks to record")
+    parser.add_argument("--chunk-len", type=int, default=2048)
+    parser.add_argument("--queries", type=int, default=128, help="query positions sampled per step")
+    parser.add_argument("--top", type=int, default=32, help="true-top keys sampled per query")
+    parser.add_argument("--others", type=int, default=64, help="other keys sampled per query (half near the boundary)")
+    parser.add_argument("--mass-weight", type=float, default=0.5, help="0..1: weight pairs by the attention mass a swap loses")
+    parser.add_argument("--straight-through", action="store_true", help="hard codes forward, soft gradient backward")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if any)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 avoids oversubscription on busy machines)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where recorded q/k shards go")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args) -> int:
+    import torch
+
+    from spotlight_attn.hashing import load_hasher
+    from spotlight_attn.train import PairSampling, train_hasher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampling = PairSampling(
+        num_queries=args.queries, num_top=args.top, num_other=args.others, num_hard=args.others // 2,
+        mass_weight=args.mass_weight, straight_through=args.straight_through,
+    )
+    start = time.perf_counter()
+    out = train_hasher(
+        args.model, args.data, args.out, bits=args.bits, placement=args.placement, budget=args.budget, steps=args.steps, width=args.width, depth=args.depth,
+        chunk_len=args.chunk_len, num_chunks=args.chunks, cache_dir=args.cache_dir, device=args.device, seed=args.seed,
+        sampling=sampling,
+    )
+    hasher = load_hasher(out, hasher_geometry(out))
+    print(f"wrote {out} ({len(hasher.layers)} layers, {hasher.bits} bits) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def hasher_geometry(path):
+    from spotlight_attn.hashing import read_header
+    from spotlight_attn.models import ModelGeometry
+
+    return ModelGeometry(**read_header(path)["model"])

@@ -1,0 +1,202 @@
+"""Retrieval quality of a selector, measured by simulating decode selection on recorded queries/keys.
+
+For a query at position s of a recorded chunk, the decode step it stands for holds keys 0..s in its
+cache. Each method selects with the library's own selectors and top-k rules (same Budget: fraction,
+min_tokens, sink and window inside the budget) on that causal past:
+- True set at budget k: the Oracle's selection (top-k of the group-summed attention probability).
+- IoU = |selected AND true| / |selected OR true|, per (layer, KV head, query position), then averaged.
+- Attention-mass recall = the group-summed softmax probability on the selected keys, divided by G
+  (dense = 1), per (layer, KV head, query position), then averaged.
+
+    python -m spotlight_attn.metrics --model smollm2-135m --data kjv \
+        --hasher learned128=h128.safetensors --linear 128 --linear 1024 --budgets 0.1 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from spotlight_attn.config import Budget, Method
+from spotlight_attn.selection.selectors import HashSelector, OracleSelector
+
+ORACLE = "oracle"
+
+
+def _selected_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
+    """indices [B, H, k] int64 (-1 = unused) -> [B, H, length] bool."""
+    mask = torch.zeros(*indices.shape[:2], length + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, indices.masked_fill(indices < 0, length), True)
+    return mask[..., :length]
+
+
+def layer_quality(
+    queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor, budget: Budget,
+    hashers: dict, batch: int = 16,
+) -> dict[str, tuple[float, float]]:
+    """queries [Hq, L, D], keys [Hkv, L, D] of one chunk, positions [Nq] -> {method: (IoU, mass recall)} means.
+
+    `hashers` maps a method name to an MLPHasher / LinearHasher covering `layer_idx`; the oracle is
+    always included under "oracle".
+    """
+    hq, length, d = queries.shape
+    hkv = keys.shape[0]
+    scaling = d**-0.5
+    oracle = OracleSelector()
+    hash_selectors = {name: HashSelector(h, Method.SPOTLIGHT) for name, h in hashers.items()}
+    key_codes = {name: h.key_codes(layer_idx, keys[None].float()) for name, h in hashers.items()}  # [1, Hkv, L, W]
+    sums = {name: [0.0, 0.0] for name in [ORACLE, *hashers]}
+    for start in range(0, positions.numel(), batch):
+        pos = positions[start : start + batch]  # [b]
+        b = pos.numel()
+        query = queries[:, pos].float().transpose(0, 1)[:, :, None]  # [b, Hq, 1, D]
+        valid = torch.arange(length)[None, :] <= pos[:, None]  # [b, L]
+        state = SimpleNamespace(keys=keys[None].float().expand(b, -1, -1, -1), key_valid=valid, layer_idx=layer_idx)
+        probs = oracle.scores(query, state, scaling)  # [b, Hkv, L]: group-summed softmax
+        truth = _selected_mask(oracle.select(query, state, budget, scaling), length)
+        picks = {ORACLE: truth}
+        for name, selector in hash_selectors.items():
+            state.codes = key_codes[name].expand(b, -1, -1, -1)
+            picks[name] = _selected_mask(selector.select(query, state, budget, scaling), length)
+        for name, picked in picks.items():
+            iou = (picked & truth).sum(-1) / (picked | truth).sum(-1).clamp(min=1)  # [b, Hkv]
+            mass = (probs * picked).sum(-1) / (hq // hkv)  # [b, Hkv]
+            sums[name][0] += float(iou.sum())
+            sums[name][1] += float(mass.sum())
+    count = positions.numel() * hkv
+    return {name: (s[0] / count, s[1] / count) for name, s in sums.items()}
+
+
+def evaluate_retrieval(
+    model, chunks: torch.Tensor, hashers: dict, budgets: list[float], layers: list[int], queries_per_chunk: int = 64,
+    min_position: int = 2048, seed: int = 0, folder: str | Path | None = None, progress: bool = True,
+) -> dict:
+    """Mean IoU / mass per (budget, method, layer) over sampled query positions >= min_position.
+
+    Returns {budget: {method: {layer: (iou, mass)}}}.
+    """
+    import hashlib
+
+    from spotlight_attn.data import chunks_fingerprint
+    from spotlight_attn.models import default_cache_dir
+    from spotlight_attn.train.record import load_layer, model_fingerprint, record_qk
+
+    length = chunks.shape[1]
+    if min_position >= length:
+        raise ValueError(f"min_position {min_position} must be below the chunk length {length}")
+    key = hashlib.sha256((model_fingerprint(model) + chunks_fingerprint(chunks)).encode()).hexdigest()[:16]
+    folder = Path(folder or default_cache_dir() / "qk" / key)
+    record_qk(model, chunks, folder, progress=progress)
+    generator = torch.Generator().manual_seed(seed)
+    positions = [
+        (min_position + torch.randperm(length - min_position, generator=generator)[:queries_per_chunk]).sort().values
+        for _ in range(chunks.shape[0])
+    ]
+    results: dict = {b: {} for b in budgets}
+    for layer in layers:
+        queries, keys = load_layer(folder, layer, chunks.shape[0])
+        for amount in budgets:
+            budget = Budget(amount)
+            per_chunk = [layer_quality(queries[n], keys[n], layer, positions[n], budget, hashers) for n in range(chunks.shape[0])]
+            for name in per_chunk[0]:
+                iou = sum(r[name][0] for r in per_chunk) / len(per_chunk)
+                mass = sum(r[name][1] for r in per_chunk) / len(per_chunk)
+                results[amount].setdefault(name, {})[layer] = (iou, mass)
+        if progress:
+            print(f"layer {layer}: " + ", ".join(
+                f"{n}@{b:g}={results[b][n][layer][0]:.3f}/{results[b][n][layer][1]:.3f}" for b in budgets for n in results[b]
+            ), file=sys.stderr, flush=True)
+    return results
+
+
+def format_table(results: dict, layers: list[int]) -> str:
+    """Markdown: one row per layer (and the mean), IoU / mass per (method, budget)."""
+    columns = [(b, name) for b in results for name in results[b]]
+    head = "| layer | " + " | ".join(f"{name} @{b:.0%} IoU / mass" for b, name in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for layer in layers:
+        cells = [f"{results[b][n][layer][0]:.3f} / {results[b][n][layer][1]:.3f}" for b, n in columns]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    means = []
+    for b, n in columns:
+        iou = sum(results[b][n][i][0] for i in layers) / len(layers)
+        mass = sum(results[b][n][i][1] for i in layers) / len(layers)
+        means.append(f"**{iou:.3f} / {mass:.3f}**")
+    lines.append("| mean | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def plot_svg(results: dict, layers: list[int], budget: float) -> str:
+    """A self-contained SVG (no plotting library needed): IoU and mass recall per layer, one line per method."""
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+    width, height, pad = 420, 260, 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height + 30}" font-family="sans-serif" font-size="11">']
+    methods = list(results[budget])
+    for panel, (metric, title) in enumerate([(0, "IoU"), (1, "attention-mass recall")]):
+        x0 = panel * width
+        values = [results[budget][m][i][metric] for m in methods for i in layers]
+        lo = min(0.0 if metric == 0 else 0.5, min(values))
+
+        def xy(j, v):
+            return x0 + pad + j * (width - 2 * pad) / max(1, len(layers) - 1), pad + (1 - (v - lo) / (1 - lo)) * (height - 2 * pad)
+
+        parts.append(f'<text x="{x0 + width / 2}" y="16" text-anchor="middle">{title} per layer, budget {budget:.0%}</text>')
+        parts.append(f'<rect x="{x0 + pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none" stroke="#999"/>')
+        for v in (lo, (lo + 1) / 2, 1.0):
+            _, y = xy(0, v)
+            parts.append(f'<text x="{x0 + pad - 4}" y="{y + 4}" text-anchor="end">{v:.2f}</text>')
+        for j in range(0, len(layers), max(1, len(layers) // 7)):
+            x, _ = xy(j, lo)
+            parts.append(f'<text x="{x}" y="{height - pad + 14}" text-anchor="middle">{layers[j]}</text>')
+        for c, method in enumerate(methods):
+            points = " ".join("%.1f,%.1f" % xy(j, results[budget][method][i][metric]) for j, i in enumerate(layers))
+            parts.append(f'<polyline points="{points}" fill="none" stroke="{colors[c % len(colors)]}" stroke-width="1.5"/>')
+    for c, method in enumerate(methods):
+        parts.append(f'<text x="{pad + 110 * c}" y="{height + 20}" fill="{colors[c % len(colors)]}">{method}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spotlight_attn.data import load_chunks
+    from spotlight_attn.hashing import LinearHasher, load_hasher
+    from spotlight_attn.models import ModelGeometry, load_model
+
+    parser = argparse.ArgumentParser(prog="python -m spotlight_attn.metrics", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="kjv", help="held-out data spec (a domain the hasher was not trained on)")
+    parser.add_argument("--hasher", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--linear", action="append", type=int, default=[], metavar="BITS", help="SimHash baseline width")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.02])
+    parser.add_argument("--chunk-len", type=int, default=4096)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=64, help="query positions sampled per chunk")
+    parser.add_argument("--min-position", type=int, default=2048, help="each sampled query sees at least this many keys")
+    parser.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_model(args.model, device="cpu")
+    geometry = ModelGeometry.from_model(model)
+    layers = [i for i in range(geometry.num_layers) if i not in args.dense_layers]
+    hashers = {}
+    for item in args.hasher:
+        name, _, path = item.partition("=")
+        hashers[name] = load_hasher(path, model)
+    for bits in args.linear:
+        hashers[f"simhash{bits}"] = LinearHasher(geometry, bits=bits, layers=layers)
+    chunks = load_chunks(args.data, tokenizer, args.chunk_len, args.chunks, split="all")
+    results = evaluate_retrieval(model, chunks, hashers, args.budgets, layers, args.queries, args.min_position)
+    print(format_table(results, layers))
+    if args.json:
+        args.json.write_text(json.dumps({str(b): r for b, r in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

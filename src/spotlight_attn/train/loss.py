@@ -1,0 +1,158 @@
+"""Bradley-Terry ranking loss for one layer's hash, on one recorded chunk.
+
+For a sampled query position s (a decode step whose cache holds keys 0..s):
+- truth: p[h, t] = sum over the G query heads g of KV head h of softmax_t(q_g . k_t * scaling), t <= s
+  (what OracleSelector scores). The true set at the training budget is what select_topk keeps on
+  p: the forced sink/window keys plus the top (k_row - forced) of the rest. Forced keys are read
+  whatever the hash says, so they are left out of the pairs by default.
+- draft: d[h, t] = sum over g of soft(q_g) . soft(k_t), the training twin of the summed-Hamming
+  score that inference ranks by (hard codes give d = G*bits - 2*hamming).
+- pairs (i in top, j in others): loss = BCE-with-logits(logit_scale * (d_i - d_j), target 1),
+  i.e. -log P(i ranks above j) under Bradley-Terry.
+Bounded by sampling: `num_queries` positions, `num_top` top keys and `num_other` other keys per
+(query, KV head), of which `num_hard` come from just below the boundary (ranks k..2k of the
+non-top keys). The pair tensor is Hkv x num_queries x num_top x num_other.
+Optional attention-mass weighting (`mass_weight` = lambda in [0, 1]): pair weight
+(1 - lambda) + lambda * (p_i - p_j) / mean(p_i - p_j): swapping i and j loses p_i - p_j of mass,
+so heavy keys (attention sinks) count for what they carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from spotlight_attn.config import Budget
+from spotlight_attn.selection.topk import forced_mask
+
+
+@dataclass(slots=True)
+class PairSampling:
+    """How many queries / keys one loss evaluation samples, and how pairs are weighted."""
+
+    num_queries: int = 256
+    num_top: int = 64
+    num_other: int = 64
+    num_hard: int = 32  # of num_other, drawn from just below the top-k boundary
+    min_position: int = 64  # sampled queries see at least this many keys
+    include_forced: bool = False  # rank the always-read sink/window keys too
+    mass_weight: float = 0.0  # lambda: 0 = every pair counts the same, 1 = pairs weighted by mass lost
+    logit_scale: float = 1.0  # multiplies draft differences inside the BCE
+    straight_through: bool = False  # hard sign codes forward, soft-sign gradient backward
+    gain: float = 64.0  # soft sign s = g h / (1 + |g h|)
+
+    def __post_init__(self):
+        if self.num_hard > self.num_other:
+            raise ValueError(f"num_hard ({self.num_hard}) must be <= num_other ({self.num_other})")
+        if not 0.0 <= self.mass_weight <= 1.0:
+            raise ValueError(f"mass_weight must be in [0, 1], got {self.mass_weight}")
+
+
+def group_probs(queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float) -> torch.Tensor:
+    """queries [Hq, Nq, D], keys [Hkv, L, D], positions [Nq] -> p [Hkv, Nq, L] float32 (0 past each position)."""
+    hq, nq, d = queries.shape
+    hkv, length, _ = keys.shape
+    q = queries.float().reshape(hkv, hq // hkv * nq, d)  # [Hkv, G*Nq, D]
+    logits = (q @ keys.float().transpose(1, 2) * scaling).view(hkv, hq // hkv, nq, length)  # [Hkv, G, Nq, L]
+    past = torch.arange(length, device=keys.device)[None, :] <= positions[:, None]  # [Nq, L]
+    logits = logits.masked_fill(~past, float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(1)  # [Hkv, Nq, L]
+
+
+def _sample(member: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """member [..., L] bool -> (indices [..., n] int64, ok [..., n] bool): up to n members, uniformly without replacement."""
+    u = torch.rand(member.shape, generator=generator, device=member.device).masked_fill(~member, -1.0)
+    picked = u.topk(min(n, u.shape[-1]), dim=-1)
+    return picked.indices, picked.values >= 0
+
+
+@dataclass
+class PairBatch:
+    top: torch.Tensor  # [Hkv, Nq, num_top] int64 key positions
+    top_ok: torch.Tensor  # [Hkv, Nq, num_top] bool
+    other: torch.Tensor  # [Hkv, Nq, num_other] int64
+    other_ok: torch.Tensor  # [Hkv, Nq, num_other] bool
+    probs: torch.Tensor  # [Hkv, Nq, L] group-summed attention probability
+    positions: torch.Tensor  # [Nq] int64 sampled query positions
+
+
+def sample_pairs(
+    queries: torch.Tensor, keys: torch.Tensor, budget: Budget, sampling: PairSampling, scaling: float, generator: torch.Generator
+) -> PairBatch:
+    """queries [Hq, L, D], keys [Hkv, L, D] of one chunk -> sampled top / other keys per (KV head, query)."""
+    length = keys.shape[1]
+    low = min(sampling.min_position, length - 1)
+    count = min(sampling.num_queries, length - low)
+    positions = low + torch.randperm(length - low, generator=generator)[:count].sort().values  # [Nq]
+    positions = positions.to(keys.device)
+    p = group_probs(queries[:, positions], keys, positions, scaling)  # [Hkv, Nq, L]
+
+    valid = torch.arange(length, device=keys.device)[None, :] <= positions[:, None]  # [Nq, L]
+    forced = forced_mask(valid, budget.sink, budget.window)  # [Nq, L]
+    k_rows = torch.tensor([budget.tokens_for(int(s) + 1) for s in positions.tolist()], device=keys.device)  # [Nq]
+    candidate = valid if sampling.include_forced else valid & ~forced
+    n_top = k_rows if sampling.include_forced else k_rows - forced.sum(-1)  # [Nq]
+    n_top = n_top.clamp(min=0)[None, :, None]  # [1, Nq, 1]
+
+    ranked = p.masked_fill(~candidate, -1.0)  # [Hkv, Nq, L]
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(length, device=keys.device).expand_as(order))
+    is_top = candidate & (rank < n_top)
+    is_other = candidate & (rank >= n_top)
+    is_hard = is_other & (rank < 2 * n_top.clamp(min=1))
+
+    top, top_ok = _sample(is_top, sampling.num_top, generator)
+    hard, hard_ok = _sample(is_hard, sampling.num_hard, generator)
+    # The uniform draw excludes the hard keys already drawn, so no pair appears twice.
+    rest = is_other.clone()
+    rest.scatter_(-1, hard, rest.gather(-1, hard) & ~hard_ok)
+    uniform, uniform_ok = _sample(rest, sampling.num_other - sampling.num_hard, generator)
+    return PairBatch(top, top_ok, torch.cat([hard, uniform], -1), torch.cat([hard_ok, uniform_ok], -1), p, positions)
+
+
+def soft_codes(hasher, layer: int, queries: torch.Tensor, keys: torch.Tensor, sampling: PairSampling):
+    """Training codes: (queries [Hq, Nq, D] -> [Hq, Nq, bits], keys [Hkv, L, D] -> [Hkv, L, bits])."""
+    hq_ = hasher.hash_queries(layer, queries[None])[0]
+    hk_ = hasher.hash_keys(layer, keys[None])[0]
+    out = []
+    for h in (hq_, hk_):
+        s = h * sampling.gain
+        s = s / (1 + s.abs())
+        if sampling.straight_through:
+            s = s + (torch.sign(h) - s).detach()
+        out.append(s)
+    return out
+
+
+def ranking_loss(
+    hasher, layer: int, queries: torch.Tensor, keys: torch.Tensor, pairs: PairBatch, sampling: PairSampling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mis-order rate) of the hash of `layer` on sampled pairs; queries [Hq, L, D], keys [Hkv, L, D].
+
+    Mis-order rate: fraction of valid pairs whose draft does not rank the top key above the other
+    (ties count one half, as a coin flip).
+    """
+    hkv = keys.shape[0]
+    sq, sk = soft_codes(hasher, layer, queries[:, pairs.positions].float(), keys.float(), sampling)  # [Hq, Nq, b], [Hkv, L, b]
+    sq = sq.reshape(hkv, -1, *sq.shape[1:]).sum(1)  # [Hkv, Nq, b]: summed over the GQA group
+    return pair_loss(sq @ sk.transpose(1, 2), pairs, sampling)  # draft [Hkv, Nq, L]
+
+
+def pair_loss(draft: torch.Tensor, pairs: PairBatch, sampling: PairSampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """draft [Hkv, Nq, L] scores -> (weighted mean BCE over valid pairs, mis-order rate)."""
+    diff = draft.gather(-1, pairs.top)[..., :, None] - draft.gather(-1, pairs.other)[..., None, :]  # [Hkv, Nq, nt, no]
+    mask = (pairs.top_ok[..., :, None] & pairs.other_ok[..., None, :]).float()
+    weight = mask
+    if sampling.mass_weight > 0:
+        gap = pairs.probs.gather(-1, pairs.top)[..., :, None] - pairs.probs.gather(-1, pairs.other)[..., None, :]
+        gap = gap.clamp(min=0) * mask
+        gap = gap / gap.sum().clamp(min=1e-12) * mask.sum()  # mean 1 over valid pairs
+        weight = mask * ((1 - sampling.mass_weight) + sampling.mass_weight * gap)
+    total = weight.sum().clamp(min=1e-12)
+    loss = (F.softplus(-sampling.logit_scale * diff) * weight).sum() / total
+    with torch.no_grad():
+        wrong = (diff < 0).float() + 0.5 * (diff == 0).float()
+        misorder = (wrong * mask).sum() / mask.sum().clamp(min=1)
+    return loss, misorder

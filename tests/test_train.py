@@ -1,0 +1,245 @@
+"""Hash training: ranking loss, pair sampling, recording, trainer (resume, refusal), data splits, metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+from spotlight_attn.config import Budget
+from spotlight_attn.data import is_heldout, iter_documents, load_chunks
+from spotlight_attn.errors import CheckpointError, SpotlightError
+from spotlight_attn.hashing import LinearHasher, MLPHasher, load_hasher, read_header
+from spotlight_attn.metrics import layer_quality
+from spotlight_attn.models import ModelGeometry
+from spotlight_attn.train.loss import pair_loss
+from spotlight_attn.train import PairSampling, TrainConfig, load_layer, ranking_loss, record_qk, sample_pairs, train_hasher
+
+GEOMETRY = ModelGeometry("llama", num_layers=3, num_q_heads=6, num_kv_heads=2, head_dim=16, rope_theta=1e4, max_positions=1024)
+SMALL = PairSampling(num_queries=24, num_top=8, num_other=12, num_hard=6, min_position=16)
+
+
+def _chunk(seed: int = 0, length: int = 97):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, length, 16, generator=g), torch.randn(2, length, 16, generator=g) * 2  # q [Hq,L,D], k [Hkv,L,D]
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(bits=32, depth=1, width=16, budget=0.2, min_tokens=4, sink=1, window=2, steps=4, dense_layers=(0,), sampling=SMALL)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_sampling_bounds_and_sets():
+    q, k = _chunk()
+    budget = Budget(0.2, 4, 1, 2)
+    pairs = sample_pairs(q, k, budget, SMALL, 0.25, torch.Generator().manual_seed(1))
+    hkv, nq = 2, pairs.positions.numel()
+    assert nq <= SMALL.num_queries and int(pairs.positions.min()) >= SMALL.min_position
+    assert pairs.top.shape == (hkv, nq, SMALL.num_top) and pairs.other.shape == (hkv, nq, SMALL.num_other)
+    pos = pairs.positions[None, :, None]
+    assert bool(((pairs.top <= pos) | ~pairs.top_ok).all()) and bool(((pairs.other <= pos) | ~pairs.other_ok).all())
+    # every valid top key outranks every valid other key in the true (group-summed probability) order
+    p_top = pairs.probs.gather(-1, pairs.top).masked_fill(~pairs.top_ok, float("inf")).amin(-1)
+    p_other = pairs.probs.gather(-1, pairs.other).masked_fill(~pairs.other_ok, -1.0).amax(-1)
+    assert bool((p_top >= p_other).all())
+    # forced sink / window keys are left out; no key is drawn twice as "other"
+    forced = (pairs.top == 0) | (pairs.top >= pos - 1)
+    assert not bool((forced & pairs.top_ok).any())
+    for h in range(hkv):
+        for i in range(nq):
+            picked = pairs.other[h, i][pairs.other_ok[h, i]].tolist()
+            assert len(picked) == len(set(picked))
+
+
+@pytest.mark.parametrize("mass_weight", [0.0, 0.7])
+def test_loss_gradient_sign(mass_weight):
+    """Raising a true-top key's draft score lowers the loss; raising an other key's score raises it."""
+    q, k = _chunk(2)
+    sampling = PairSampling(num_queries=24, num_top=8, num_other=12, num_hard=6, min_position=16, mass_weight=mass_weight, logit_scale=0.1)
+    pairs = sample_pairs(q, k, Budget(0.2, 4, 1, 2), sampling, 0.25, torch.Generator().manual_seed(0))
+    draft = torch.randn(pairs.probs.shape, generator=torch.Generator().manual_seed(5), requires_grad=True)  # [Hkv, Nq, L]
+    loss, misorder = pair_loss(draft, pairs, sampling)
+    loss.backward()
+    top_grad = draft.grad.gather(-1, pairs.top)[pairs.top_ok]
+    other_grad = draft.grad.gather(-1, pairs.other)[pairs.other_ok]
+    assert bool((top_grad <= 0).all()) and float(top_grad.sum()) < 0
+    assert bool((other_grad >= 0).all()) and float(other_grad.sum()) > 0
+    assert 0.0 < float(misorder) < 1.0  # random drafts mis-order some pairs
+    h, i = torch.nonzero(pairs.top_ok.any(-1))[0].tolist()
+    raised = draft.detach().clone()
+    raised[h, i, pairs.top[h, i, 0]] += 1.0
+    assert float(pair_loss(raised, pairs, sampling)[0]) < float(loss.detach())
+
+
+def test_ranking_loss_trains_the_hash():
+    """A few AdamW steps on one chunk lower the mis-order rate of the hash (the loss reaches the weights)."""
+    q, k = _chunk(3)
+    sampling = PairSampling(num_queries=24, num_top=8, num_other=12, num_hard=6, min_position=16)
+    hasher = MLPHasher(GEOMETRY, _config().hasher_config, layers=[1, 2])
+    opt = torch.optim.AdamW(hasher.parameters(), lr=1e-2)
+    pairs = sample_pairs(q, k, Budget(0.2, 4, 1, 2), sampling, 0.25, torch.Generator().manual_seed(0))
+    first = None
+    for _ in range(30):
+        loss, wrong = ranking_loss(hasher, 1, q, k, pairs, sampling)
+        first = float(wrong) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(ranking_loss(hasher, 1, q, k, pairs, sampling)[1]) < first
+
+
+def _tiny_chunks(n=3, length=96, seed=0):
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_record_matches_layers(tmp_path):
+    model = tiny_model(layers=3)
+    chunks = _tiny_chunks(2, 40)
+    folder = record_qk(model, chunks, tmp_path / "qk", progress=False)
+    q, k = load_layer(folder, 2, 2)
+    assert q.shape == (2, 4, 40, 16) and k.shape == (2, 2, 40, 16) and q.dtype == torch.float16
+    assert getattr(model, "spotlight", None) is None  # recording leaves the model as it found it
+    mtime = (folder / "chunk00000.safetensors").stat().st_mtime_ns
+    record_qk(model, chunks, folder, progress=False)  # already there: reused
+    assert (folder / "chunk00000.safetensors").stat().st_mtime_ns == mtime
+
+
+def _train(tmp_path, out, **kw):
+    model = tiny_model(layers=4)
+    return train_hasher(model, _tiny_chunks(), out, cache_dir=tmp_path / "cache", device="cpu", progress=False, config=_config(**kw))
+
+
+def test_end_to_end_tiny(tmp_path):
+    out = _train(tmp_path, tmp_path / "h.safetensors")
+    header = read_header(out)
+    assert header["training"]["finished_layers"] == [1, 2, 3]
+    hasher = load_hasher(out, tiny_model(layers=4))
+    assert hasher.layers == (1, 2, 3) and hasher.bits == 32
+    logs = sorted((tmp_path / "h.logs").glob("layer*.jsonl"))
+    assert [p.name for p in logs] == ["layer001.jsonl", "layer002.jsonl", "layer003.jsonl"]
+
+
+def test_resume_after_kill_is_identical(tmp_path):
+    full = _train(tmp_path, tmp_path / "full.safetensors")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(layer):
+        raise Killed
+
+    model = tiny_model(layers=4)
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(Killed):
+        train_hasher(model, _tiny_chunks(), out, cache_dir=tmp_path / "cache", device="cpu", progress=False,
+                     config=_config(), on_layer_done=kill_after_first)
+    assert read_header(out)["training"]["finished_layers"] == [1]
+    _train(tmp_path, out)
+    a, b = load_file(str(full)), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_resume_refuses_other_settings_and_corrupt(tmp_path):
+    out = _train(tmp_path, tmp_path / "h.safetensors")
+    with pytest.raises(CheckpointError, match="steps"):
+        _train(tmp_path, out, steps=5)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(out.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        _train(tmp_path, bad)
+    other = tmp_path / "other.safetensors"
+    model5 = tiny_model(layers=5)
+    train_hasher(model5, _tiny_chunks(), other, cache_dir=tmp_path / "cache", device="cpu", progress=False, config=_config())
+    with pytest.raises(SpotlightError, match="num_layers"):
+        _train(tmp_path, other)
+
+
+def test_metrics_oracle_and_full_budget():
+    q, k = _chunk(4, 80)
+    positions = torch.arange(20, 80, 7)
+    linear = LinearHasher(GEOMETRY, bits=64, layers=[1])
+    at_10 = layer_quality(q, k, 1, positions, Budget(0.1), {"linear": linear})
+    assert at_10["oracle"][0] == pytest.approx(1.0)
+    assert at_10["linear"][1] <= at_10["oracle"][1] + 1e-6
+    full = layer_quality(q, k, 1, positions, Budget(1.0), {"linear": linear})
+    for iou, mass in full.values():
+        assert iou == pytest.approx(1.0) and mass == pytest.approx(1.0, abs=1e-5)
+
+
+class _WordTokenizer:
+    """Word "d7" -> token 9: every document's tokens are its own."""
+
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(w[1:]) + 2 for w in text.split()]}
+
+
+def test_data_splits_never_overlap(tmp_path):
+    for i in range(40):
+        (tmp_path / f"doc{i}.txt").write_text(" ".join([f"d{i}"] * 50))
+    (tmp_path / "more.jsonl").write_text("\n".join('{"text": "%s"}' % " ".join([f"d{100 + i}"] * 30) for i in range(10)))
+    ids = [doc_id for doc_id, _ in iter_documents(tmp_path)]
+    assert len(ids) == 50
+    held = {d for d in ids if is_heldout(d, 0.25)}
+    assert held and len(held) < len(ids)
+    tok = _WordTokenizer()
+    train = load_chunks(tmp_path, tok, 16, split="train", heldout_fraction=0.25)
+    heldout = load_chunks(tmp_path, tok, 16, split="heldout", heldout_fraction=0.25)
+    assert not (set(train.flatten().tolist()) & set(heldout.flatten().tolist())) - {1}
+    assert torch.equal(load_chunks(tmp_path, tok, 16, split="train", heldout_fraction=0.25), train)  # deterministic
+    assert load_chunks(tmp_path, tok, 16, num_chunks=3, split="all").shape == (3, 16)
+    with pytest.raises(SpotlightError):
+        load_chunks(tmp_path / "missing", tok, 16)
+
+
+def test_stdlib_corpus_is_offline():
+    doc_id, text = next(iter_documents("stdlib"))
+    assert doc_id.startswith("stdlib:") and text
+
+
+def _layer_parallel_worker(rank: int, world: int, init_file: str, tmp: str):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = tiny_model(layers=4)
+        train_hasher(model, _tiny_chunks(), Path(tmp) / "parallel.safetensors", cache_dir=Path(tmp) / "cache",
+                     device="cpu", progress=False, config=_config())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_layer_parallel_gloo_matches_single_process(tmp_path):
+    """torchrun-style layer parallelism (2 ranks, gloo): rank 0's merged file equals a one-process run."""
+    import torch.multiprocessing as mp
+
+    single = _train(tmp_path, tmp_path / "single.safetensors")
+    mp.spawn(_layer_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    merged = tmp_path / "parallel.safetensors"
+    assert read_header(merged)["training"]["finished_layers"] == [1, 2, 3]
+    a, b = load_file(str(single)), load_file(str(merged))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_cli_train_small_corpus_real_model(tmp_path):
+    """`spotlight train` on a small offline corpus with the real model: a few steps, and the output loads."""
+    import argparse
+
+    from spotlight_attn.cli import train_cmd
+    from spotlight_attn.models import load_model
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_parser(parser.add_subparsers())
+    out = tmp_path / "h.safetensors"
+    args = parser.parse_args(["train", "--model", "smollm2-135m", "--data", "licenses", "--out", str(out), "--steps", "2",
+                              "--chunks", "2", "--chunk-len", "256", "--queries", "16", "--cache-dir", str(tmp_path / "c")])
+    assert args.run(args) == 0
+    model, _ = load_model("smollm2-135m", device="cpu")
+    assert load_hasher(out, model).layers == tuple(range(2, 30))
