@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from spotlight_attn.kernels import _triton
+from spotlight_attn.kernels._triton import cdiv, next_pow2
+
+triton = tl = libdevice = _sum = _max = _cumsum = None  # bound on the first launch (see _triton.py)
+
 _BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 
@@ -30,8 +35,47 @@ def pack_signs_reference(hashed: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.int32)
 
 
-def pack_signs(hashed: torch.Tensor) -> torch.Tensor:
-    """hashed [..., b] float -> packed codes [..., ceil(b/32)] int32 (bit set where hashed > 0)."""
+@_triton.kernel
+def _pack_kernel(x_ptr, out_ptr, n_rows, bits, BLOCK_ROWS: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr):
+    """x [n_rows, bits] float (row-major) -> out [n_rows, W] int32. One program packs BLOCK_ROWS rows."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    word = tl.arange(0, W_PAD)
+    bit = tl.arange(0, 32)
+    col = word[None, :, None] * 32 + bit[None, None, :]  # [1, W_PAD, 32]
+    row_ok = rows[:, None, None] < n_rows
+    x = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * bits + col, mask=row_ok & (col < bits), other=0.0)
+    # Distinct bits: their sum is their OR, and bit 31 wraps to the int32 sign bit as intended.
+    positive = x.to(tl.float32) > 0  # via float32: the interpreter compares bf16 as raw bits
+    words = _sum(tl.where(positive, 1 << bit[None, None, :], 0), axis=2)  # [BLOCK_ROWS, W_PAD]
+    out_mask = (rows[:, None] < n_rows) & (word[None, :] < W)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * W + word[None, :], words, mask=out_mask)
+
+
+def _pack_signs_triton(hashed: torch.Tensor) -> torch.Tensor:
+    """Launcher: same contract as pack_signs_reference."""
+    _triton.bind(globals())
+    *lead, bits = hashed.shape
+    words = num_words(bits)
+    x = hashed.reshape(-1, bits).contiguous()  # [N, b]
+    out = torch.empty(x.shape[0], words, dtype=torch.int32, device=hashed.device)
+    if x.shape[0] == 0 or bits == 0:
+        return out.reshape(*lead, words)
+    block_rows = max(1, min(64, 4096 // (next_pow2(words) * 32)))
+    _pack_kernel[(cdiv(x.shape[0], block_rows),)](
+        x, out, x.shape[0], bits, BLOCK_ROWS=block_rows, W=words, W_PAD=next_pow2(words)
+    )
+    return out.reshape(*lead, words)
+
+
+def pack_signs(
+    hashed: torch.Tensor, *, use_kernel: bool | None = None, force_reference: bool = False
+) -> torch.Tensor:
+    """hashed [..., b] float -> packed codes [..., ceil(b/32)] int32 (bit set where hashed > 0).
+
+    The Triton kernel on CUDA tensors, the reference elsewhere (see _triton.use_kernel for the overrides).
+    """
+    if _triton.use_kernel((hashed,), use_kernel, force_reference):
+        return _pack_signs_triton(hashed)
     return pack_signs_reference(hashed)
 
 

@@ -3,15 +3,45 @@
 Score of key t for KV head h = sum over the G query heads g of h of (bits - popcount(q[g] XOR k[h, t])),
 an integer in [0, G * bits]. Selection follows selection/topk.py exactly (budget, sink, window,
 padding, ties to the more recent token).
+
+The Triton path selects by counting, not sorting (three launches over row chunks):
+1. `_score_kernel` scores every key once, writes a 16-bit score per key (it stays in L2 for the next
+   two passes) and a 64-bucket histogram per chunk; the last chunk of a row to finish finds the
+   bucket holding the row's k-th best score.
+2. `_refine_kernel` counts the scores inside that bucket exactly; the last chunk finds the exact
+   threshold score, how many of the tied keys at the threshold to take (the most recent ones), and
+   where each chunk's picks start in the output row.
+3. `_emit_kernel` writes each chunk's picks in position order, so rows come out sorted, then -1s.
+It needs the valid keys of each batch row to be one run [start, end) (left or right padding); any
+other key_valid falls back to the reference.
+
+Scores are computed in a shifted unit that keeps their order: with n1 = number of a KV head's query
+heads whose bit i is 1 and d_i = 2 n1 - G, the agreement of key bit k_i is (G + |d_i| tau_i) / 2 with
+tau_i = +1 when k_i equals the majority bit (d_i > 0) and -1 otherwise. So
+    score = sum_i min(n1, G - n1)  +  sum_j 2^j popcount(~(k XOR majority) AND plane_j),
+plane_j = the bits where |d_i| / 2^PAR has bit j set (PAR = 1 for even G, whose |d_i| are even). The
+first term is the same for every key of the row, so the kernel ranks keys by the second, scaled by
+2^-PAR: x = sum_j 2^j popcount(...) in [0, bits * (G >> PAR)]. That takes bit_length(G >> PAR)
+popcounts per word instead of G (2 instead of 4 for G = 4).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from spotlight_attn.config import Budget
+from spotlight_attn.kernels import _triton
+from spotlight_attn.kernels._triton import cdiv, next_pow2
 from spotlight_attn.kernels.pack import popcount
 from spotlight_attn.selection.topk import select_topk
+
+triton = tl = libdevice = _sum = _max = _cumsum = None  # bound on the first launch (see _triton.py)
+
+COARSE_BINS = 64  # buckets of the first pass; tl.histogram's cost grows with the bin count
+FORCED = 32767  # 16-bit score marking a sink/window key; padding keys hold -1
+MAX_CHUNKS = 64  # chunks per row, so one program can reduce every chunk's counts
 
 
 def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,8 +61,394 @@ def score_select_reference(
     return select_topk(hamming_scores(query_codes, key_codes, bits), key_valid, budget)
 
 
-def score_select(
-    query_codes: torch.Tensor, key_codes: torch.Tensor, key_valid: torch.Tensor, budget: Budget, bits: int
+@dataclass(frozen=True, slots=True)
+class SelectPlan:
+    """What selection needs to know about one decode step's cache, shared by every layer of the step.
+
+    Building it reads three numbers per batch row back to the host (the only sync of the kernel path);
+    build it once per step with `plan_select` and pass it to every layer's `score_select`.
+    """
+
+    budget: Budget
+    k: int  # output width: the largest per-row token count
+    k_rows: tuple[int, ...]  # tokens each batch row reads, forced ones included
+    bounds: torch.Tensor  # [B, 3] int32 on the cache's device: valid run start, end, k_row
+    contiguous: bool  # every row's valid keys form one run (else the kernels cannot serve it)
+
+
+def plan_select(key_valid: torch.Tensor, budget: Budget) -> SelectPlan:
+    """key_valid [B, T] bool -> the SelectPlan for this step (one device-to-host read)."""
+    b, t = key_valid.shape
+    if b == 0 or t == 0:
+        empty = torch.zeros(b, 3, dtype=torch.int32, device=key_valid.device)
+        return SelectPlan(budget, 0, (0,) * b, empty, True)
+    pos = torch.arange(t, device=key_valid.device)
+    n_valid = key_valid.sum(-1)
+    first = torch.where(key_valid, pos, t).amin(-1)
+    last = torch.where(key_valid, pos, -1).amax(-1)
+    rows = torch.stack([n_valid, first, last], dim=1).tolist()
+    contiguous = all(n == 0 or hi - lo + 1 == n for n, lo, hi in rows)
+    k_rows = tuple(budget.tokens_for(int(n)) for n, _, _ in rows)
+    bounds = [[lo, lo + n, kr] if n else [0, 0, 0] for (n, lo, _), kr in zip(rows, k_rows)]
+    bounds = torch.tensor(bounds, dtype=torch.int32).to(key_valid.device, non_blocking=True)
+    return SelectPlan(budget, max(k_rows), k_rows, bounds, contiguous)
+
+
+@_triton.kernel
+def _popc(v, HW: tl.constexpr):
+    """Set bits of each int32 word: the hardware instruction, or SWAR under the interpreter."""
+    if HW:
+        return libdevice.popc(v)
+    v = v - ((v >> 1) & 0x55555555)  # the masks keep arithmetic shifts exact
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    v = v + (v >> 8)
+    return (v + (v >> 16)) & 0x3F
+
+
+@_triton.kernel
+def _load_codes(row_ptr, t, lo, hi, word, W: tl.constexpr, W_PAD: tl.constexpr):
+    """Codes [BT, W_PAD] int32 of the keys at positions t in [lo, hi) (the scored ones); 0 elsewhere."""
+    scored = (t >= lo) & (t < hi)
+    if W == W_PAD:  # no word mask, so the loads stay 16-byte vectors
+        mask = scored[:, None]
+    else:
+        mask = scored[:, None] & (word[None, :] < W)
+    return tl.load(row_ptr + t[:, None] * W + word[None, :], mask=mask, other=0, eviction_policy="evict_first")
+
+
+@_triton.kernel
+def _score_kernel(
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kh,
+    num_kv_heads, T, bits, sink, window, n_chunks, chunk_blocks,
+    G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
+    BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h.
+
+    Writes score[row, t] int16 (x, FORCED, or -1 for padding), hist[row, chunk, NBC] and
+    forced[row, chunk]; the row's last chunk writes base[row, chunk] (forced + keys above the
+    threshold bucket) and state[row, 0:2] = (threshold bucket, keys still needed from it).
+    """
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    b = row // num_kv_heads
+    h = row % num_kv_heads
+    start = tl.load(bounds_ptr + b * 3)
+    end = tl.load(bounds_ptr + b * 3 + 1)
+    k_row = tl.load(bounds_ptr + b * 3 + 2)
+
+    # Query side, once per program: majority bits and the |d| planes of this KV head's G query heads.
+    g = tl.arange(0, G_PAD)
+    word = tl.arange(0, W_PAD)
+    bit = tl.arange(0, 32)
+    q_off = b.to(tl.int64) * stride_qb + (h * G + g[:, None]) * stride_qh + word[None, :]
+    q = tl.load(q_ptr + q_off, mask=(g[:, None] < G) & (word[None, :] < W), other=0)  # [G_PAD, W_PAD]
+    n1 = _sum((q[:, :, None] >> bit[None, None, :]) & 1, axis=0)  # [W_PAD, 32]
+    d = 2 * n1 - G
+    real_bit = (word[:, None] * 32 + bit[None, :]) < bits
+    one_at = 1 << bit[None, :]  # [1, 32]; distinct bits, so summing them packs a word
+    majority = _sum(tl.where((d > 0) & real_bit, one_at, 0), axis=1)  # [W_PAD]
+    e = tl.where(real_bit, tl.abs(d) >> PAR, 0)  # [W_PAD, 32], at most G >> PAR < 32
+    # Planes as separate [W_PAD] words (not one [NP, W_PAD] tensor): the scoring below then stays 2-D
+    # with each key's words in one thread, and needs no layout conversion.
+    plane0 = _sum(tl.where((e & 1) != 0, one_at, 0), axis=1)
+    plane1 = _sum(tl.where((e & 2) != 0, one_at, 0), axis=1)
+    plane2 = _sum(tl.where((e & 4) != 0, one_at, 0), axis=1)
+    plane3 = _sum(tl.where((e & 8) != 0, one_at, 0), axis=1)
+    plane4 = _sum(tl.where((e & 16) != 0, one_at, 0), axis=1)
+
+    row_off = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    score_row = score_ptr + row.to(tl.int64) * T
+    hist = tl.full([NBC], 0, tl.int32)
+    n_forced = tl.full([BT], 0, tl.int32)
+    t0 = chunk * chunk_blocks * BT
+    lo = start + sink  # scored keys: valid, past the sinks, before the window, inside this chunk
+    hi = tl.minimum(end - window, t0 + chunk_blocks * BT)
+    t_next = t0 + tl.arange(0, BT)
+    if PREFETCH:
+        codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
+    for blk in range(0, chunk_blocks):
+        t = t_next
+        t_next = t + BT
+        if PREFETCH:  # keep two blocks of codes in flight: issue the next loads before scoring this block
+            codes = codes_next
+            codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
+        else:
+            codes = _load_codes(k_ptr + row_off, t, lo, hi, word, W, W_PAD)
+        in_row = t < T
+        valid = (t >= start) & (t < end)
+        forced = valid & ((t < start + sink) | (t >= end - window))
+        candidate = valid & ~forced
+        agree = ~(codes ^ majority[None, :])  # [BT, W_PAD]
+        x = _sum(_popc(agree & plane0[None, :], HW_POPC), axis=1)  # [BT] in [0, bits * (G >> PAR)]
+        if NP > 1:
+            x += _sum(_popc(agree & plane1[None, :], HW_POPC), axis=1) * 2
+        if NP > 2:
+            x += _sum(_popc(agree & plane2[None, :], HW_POPC), axis=1) * 4
+        if NP > 3:
+            x += _sum(_popc(agree & plane3[None, :], HW_POPC), axis=1) * 8
+        if NP > 4:
+            x += _sum(_popc(agree & plane4[None, :], HW_POPC), axis=1) * 16
+        stored = tl.where(forced, FORCED, tl.where(candidate, x, -1))
+        tl.store(score_row + t, stored.to(tl.int16), mask=in_row)
+        hist += tl.histogram(x >> SHIFT, NBC, mask=candidate)
+        n_forced += forced.to(tl.int32)
+
+    cells = (row * n_chunks + chunk) * NBC
+    tl.store(hist_ptr + cells + tl.arange(0, NBC), hist)
+    tl.store(forced_ptr + row * n_chunks + chunk, _sum(n_forced, axis=0))
+
+    # The last chunk of the row to finish reduces every chunk's counts (release/acquire through the counter).
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
+        c = tl.arange(0, MAXC)
+        bins = tl.arange(0, NBC)
+        c_ok = c < n_chunks
+        counts = tl.load(
+            hist_ptr + (row * n_chunks + c[:, None]) * NBC + bins[None, :], mask=c_ok[:, None], other=0,
+            cache_modifier=".cg",
+        )  # [MAXC, NBC]
+        forced_c = tl.load(forced_ptr + row * n_chunks + c, mask=c_ok, other=0, cache_modifier=".cg")
+        need = k_row - _sum(forced_c, axis=0)  # keys to pick by score
+        total = _sum(counts, axis=0)  # [NBC]
+        at_least = _sum(total, axis=0) - _cumsum(total, axis=0) + total  # keys in bucket >= each bin
+        bucket = _max(tl.where(at_least >= need, bins, -1), axis=0)
+        bucket = tl.where(need > 0, bucket, NBC)  # NBC: nothing to pick by score
+        above = _sum(tl.where(bins[None, :] > bucket, counts, 0), axis=1)  # [MAXC]
+        tl.store(base_ptr + row * n_chunks + c, forced_c + above, mask=c_ok)
+        tl.store(state_ptr + row * 4, bucket)
+        tl.store(state_ptr + row * 4 + 1, need - _sum(above, axis=0))
+        tl.atomic_xchg(counter_ptr + row, 0)
+
+
+@_triton.kernel
+def _refine_kernel(
+    score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, counter_ptr,
+    T, n_chunks, chunk_tokens,
+    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
+    FORCED: tl.constexpr,
+):
+    """Pass 2 for chunk program_id(0) of row program_id(1): exact counts inside the threshold bucket.
+
+    Writes fine[row, chunk, FB]; the row's last chunk writes state[row, 2] = threshold x (FORCED when
+    nothing is picked by score) and emit[row, chunk, 0:2] = (output offset, tied keys to skip).
+    """
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    bucket = tl.load(state_ptr + row * 4)
+    need = tl.load(state_ptr + row * 4 + 1)
+    fine_bins = tl.arange(0, FB)
+    fine = tl.full([FB], 0, tl.int32)
+    score_row = score_ptr + row.to(tl.int64) * T
+    t0 = chunk * chunk_tokens
+    stop = tl.minimum(t0 + chunk_tokens, T)
+    if PACKED:  # keys as [BT/128, 128]: 8-bit count fields of an int64 per 128 keys never overflow
+        t_next = t0 + tl.arange(0, BT // 128)[:, None] * 128 + tl.arange(0, 128)[None, :]
+    else:
+        t_next = t0 + tl.arange(0, BT)
+    s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)
+    for _ in range(t0, stop, BT):
+        t = t_next
+        s = s_next.to(tl.int32)
+        t_next = t + BT
+        s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)  # next block in flight
+        inside = (s >= 0) & (s < FORCED) & ((s >> SHIFT) == bucket)
+        f = s & ((1 << SHIFT) - 1)
+        if PACKED:
+            # Cheaper than tl.histogram's per-key ballots when FB <= 16.
+            for half in tl.static_range(0, FB, 8):
+                field = (((f - half) & 7) * 8).to(tl.int64)  # in range; keys outside [half, half+8) add 0
+                one = tl.where(inside & (f >= half) & (f < half + 8), tl.full(f.shape, 1, tl.int64) << field, 0)
+                packed = _sum(one, axis=1)  # [BT/128] int64, 8 fields
+                lane = fine_bins - half
+                ok = (lane >= 0) & (lane < 8)
+                shift = tl.where(ok, lane * 8, 0).to(tl.int64)
+                per_bin = (packed[:, None] >> shift[None, :]) & 0xFF  # [BT/128, FB]
+                fine += tl.where(ok, _sum(per_bin, axis=0).to(tl.int32), 0)
+        else:
+            fine += tl.histogram(f, FB, mask=inside)
+    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + fine_bins, fine)
+
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
+        c = tl.arange(0, MAXC)
+        c_ok = c < n_chunks
+        counts = tl.load(
+            fine_ptr + (row * n_chunks + c[:, None]) * FB + fine_bins[None, :], mask=c_ok[:, None], other=0,
+            cache_modifier=".cg",
+        )  # [MAXC, FB]
+        base = tl.load(base_ptr + row * n_chunks + c, mask=c_ok, other=0, cache_modifier=".cg")
+        total = _sum(counts, axis=0)
+        at_least = _sum(total, axis=0) - _cumsum(total, axis=0) + total
+        level = _max(tl.where(at_least >= need, fine_bins, -1), axis=0)  # need == 0: takes nothing
+        above = _sum(tl.where(fine_bins[None, :] > level, counts, 0), axis=1)  # [MAXC]
+        tied = _sum(tl.where(fine_bins[None, :] == level, counts, 0), axis=1)  # [MAXC]
+        ties_taken = need - _sum(above, axis=0)
+        later = _sum(tied, axis=0) - _cumsum(tied, axis=0)  # tied keys in later chunks
+        take = tl.minimum(tl.maximum(ties_taken - later, 0), tied)  # the most recent ties win
+        picked = base + above + take
+        tl.store(emit_ptr + (row * n_chunks + c) * 2, _cumsum(picked, axis=0) - picked, mask=c_ok)
+        tl.store(emit_ptr + (row * n_chunks + c) * 2 + 1, tied - take, mask=c_ok)
+        threshold = tl.where(need > 0, (bucket << SHIFT) + level, FORCED)
+        tl.store(state_ptr + row * 4 + 2, threshold)
+        tl.atomic_xchg(counter_ptr + row, 0)
+
+
+@_triton.kernel
+def _emit_kernel(
+    score_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr,
+    num_kv_heads, T, k, chunk_tokens, n_chunks,
+    BT: tl.constexpr, FORCED: tl.constexpr,
+):
+    """Pass 3 for chunk program_id(0) of row program_id(1): out[row, :] gets the chunk's picked positions
+    (int64) at its offset, in position order; chunk 0 also fills the row's unused tail with -1."""
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    threshold = tl.load(state_ptr + row * 4 + 2)
+    offset = tl.load(emit_ptr + (row * n_chunks + chunk) * 2)
+    skip = tl.load(emit_ptr + (row * n_chunks + chunk) * 2 + 1)  # the chunk's first `skip` ties stay out
+    score_row = score_ptr + row.to(tl.int64) * T
+    out_row = out_ptr + row.to(tl.int64) * k
+    ties_seen = tl.full([], 0, tl.int32)
+    t0 = chunk * chunk_tokens
+    stop = tl.minimum(t0 + chunk_tokens, T)
+    t_next = t0 + tl.arange(0, BT)
+    s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)
+    for _ in range(t0, stop, BT):
+        t = t_next
+        s = s_next.to(tl.int32)
+        t_next = t + BT
+        s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)  # next block in flight
+        scored = (s >= 0) & (s < FORCED)
+        tie = scored & (s == threshold)
+        sure = (s == FORCED) | (scored & (s > threshold))
+        # One scan for both counts: ties in the high 16 bits, sure picks in the low 16 (BT <= 32768).
+        both = (tie.to(tl.int32) << 16) | sure.to(tl.int32)
+        running = _cumsum(both, axis=0)
+        ties_upto = ties_seen + (running >> 16)  # ties of the chunk up to and including each key
+        taken_before = tl.maximum(ties_seen - skip, 0)
+        taken_upto = tl.maximum(ties_upto - skip, 0) - taken_before
+        picked = sure | (tie & (ties_upto > skip))
+        slot = offset + (running & 0xFFFF) + taken_upto - 1
+        tl.store(out_row + slot, t.to(tl.int64), mask=picked)
+        total = _sum(both, axis=0)
+        offset += (total & 0xFFFF) + tl.maximum(ties_seen + (total >> 16) - skip, 0) - taken_before
+        ties_seen += total >> 16
+    if chunk == 0:
+        k_row = tl.load(bounds_ptr + (row // num_kv_heads) * 3 + 2)
+        for tail in range(k_row, k, BT):
+            slot = tail + tl.arange(0, BT)
+            tl.store(out_row + slot, tl.full([BT], -1, tl.int64), mask=slot < k)
+
+
+def _score_select_triton(
+    query_codes: torch.Tensor,
+    key_codes: torch.Tensor,
+    plan: SelectPlan,
+    bits: int,
+    *,
+    block_tokens: int | None = None,
+    emit_tokens: int = 4096,
+    max_chunks: int = MAX_CHUNKS,
+    programs_per_sm: int = 4,
+    score_warps: int = 8,
+    prefetch: bool = True,
 ) -> torch.Tensor:
-    """Top-k by summed Hamming agreement. Shapes as in score_select_reference."""
-    return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
+    """Launcher: query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
+    int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
+    program (tests shrink them to cover many chunks on small inputs; benchmarks tune them)."""
+    _triton.bind(globals())
+    b, hq, _, w = query_codes.shape
+    hkv, t = key_codes.shape[1], key_codes.shape[2]
+    group = hq // hkv
+    device = key_codes.device
+    out = torch.empty(b, hkv, plan.k, dtype=torch.int64, device=device)
+    if plan.k == 0 or b == 0:
+        return out
+    if key_codes.stride(-1) != 1 or key_codes.stride(-2) != w:
+        key_codes = key_codes.contiguous()
+    query_codes = query_codes.contiguous()
+
+    par = 1 if group % 2 == 0 else 0
+    x_max = bits * (group >> par)
+    shift = 0
+    while (x_max >> shift) >= COARSE_BINS:
+        shift += 1
+    fine_bins = max(1 << shift, 2)
+    rows = b * hkv
+    bt = block_tokens or (256 if device.type != "cuda" else 1024)
+    blocks = cdiv(t, bt)
+    target = _triton.num_programs_target(device) * programs_per_sm // 4
+    chunks = max(1, min(cdiv(target, rows), max_chunks, blocks))
+    chunk_blocks = cdiv(blocks, chunks)
+    if chunk_blocks > 4:
+        chunk_blocks = cdiv(chunk_blocks, 4) * 4  # lets passes 2 and 3 step 4 blocks at a time
+    chunks = cdiv(blocks, chunk_blocks)
+    chunk_tokens = chunk_blocks * bt
+    bt_emit = bt * (chunk_blocks & -chunk_blocks)  # the largest power-of-two multiple of bt dividing a chunk
+    bt_emit = max(min(bt_emit, emit_tokens), min(bt, emit_tokens))
+    maxc = next_pow2(chunks)
+
+    i32 = dict(dtype=torch.int32, device=device)
+    scores = torch.empty(rows, t, dtype=torch.int16, device=device)
+    hist = torch.empty(rows, chunks, COARSE_BINS, **i32)
+    forced = torch.empty(rows, chunks, **i32)
+    base = torch.empty(rows, chunks, **i32)
+    fine = torch.empty(rows, chunks, fine_bins, **i32)
+    emit = torch.empty(rows, chunks, 2, **i32)
+    state = torch.empty(rows, 4, **i32)
+    counters = _triton.zeroed_counters(device, rows)
+    budget = plan.budget
+    grid = (chunks, rows)
+    _score_kernel[grid](
+        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
+        query_codes.stride(0), query_codes.stride(1), key_codes.stride(0), key_codes.stride(1),
+        hkv, t, bits, budget.sink, budget.window, chunks, chunk_blocks,
+        G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
+        NP=(group >> par).bit_length(), SHIFT=shift, NBC=COARSE_BINS, MAXC=maxc, BT=bt,
+        HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch,
+        num_warps=score_warps,
+    )
+    packed = fine_bins <= 16 and bt_emit >= 128
+    _refine_kernel[grid](
+        scores, fine, base, state, emit, counters, t, chunks, chunk_tokens,
+        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_emit, PACKED=packed, FORCED=FORCED, num_warps=8,
+    )
+    _emit_kernel[grid](
+        scores, state, emit, plan.bounds, out, hkv, t, plan.k, chunk_tokens, chunks,
+        BT=bt_emit, FORCED=FORCED, num_warps=8,
+    )
+    return out
+
+
+def score_select(
+    query_codes: torch.Tensor,
+    key_codes: torch.Tensor,
+    key_valid: torch.Tensor,
+    budget: Budget,
+    bits: int,
+    *,
+    plan: SelectPlan | None = None,
+    use_kernel: bool | None = None,
+    force_reference: bool = False,
+) -> torch.Tensor:
+    """Top-k by summed Hamming agreement. Shapes as in score_select_reference.
+
+    The Triton kernels on CUDA tensors, the reference elsewhere (see _triton.use_kernel for the
+    overrides) and whenever a row's valid keys are not one contiguous run. Pass `plan` (from
+    plan_select(key_valid, budget), built once per decode step) to skip its device-to-host read.
+    """
+    if not _triton.use_kernel((query_codes, key_codes, key_valid), use_kernel, force_reference):
+        return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
+    group = query_codes.shape[1] // key_codes.shape[1]
+    if bits * (group >> (1 - group % 2)) >= FORCED or (group >> (1 - group % 2)) >= 32:  # 16-bit scores, 5 planes
+        return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
+    plan = plan if plan is not None else plan_select(key_valid, budget)
+    if plan.budget != budget:
+        raise ValueError(f"plan was built for {plan.budget}, not {budget}")
+    if not plan.contiguous:
+        return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
+    return _score_select_triton(query_codes, key_codes, plan, bits)
