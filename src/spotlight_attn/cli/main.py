@@ -2,6 +2,7 @@
 
     spotlight generate --model M [--hasher H] --method quest --budget 10% --prompt "..."
     spotlight demo [--method linear] [--budget 0.1] [--context-tokens 3000]
+    spotlight train --model M --data D --out hasher.safetensors [--bits 128] [--steps 300]
 
 The completion goes to stdout and one summary line to stderr, so the text pipes cleanly.
 Bad input (a `SpotlightError`, or a file that cannot be read) ends with one line
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--needle-seed", type=int, default=0, metavar="S", help="picks the passcode and the filler (default: %(default)s)")
     demo.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="(default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
+
+    from spotlight_attn.cli import train_cmd
+
+    train_cmd.add_parser(commands)
     return parser
 
 

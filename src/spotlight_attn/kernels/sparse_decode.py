@@ -49,8 +49,8 @@ def _sparse_decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_ib, stride_ih, stride_ob, stride_oh,
     num_kv_heads, num_slots, split_len, n_splits, scale_log2,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, S_BLOCK: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     """Split program_id(0) of row program_id(1) = b * Hkv + h: slots [split * split_len, +split_len).
 
@@ -79,9 +79,12 @@ def _sparse_decode_kernel(
     acc = tl.full([G_PAD, D_PAD], 0, tl.float32)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, num_slots)
-    for first in range(lo, hi, BLOCK_N):
-        n = first + tl.arange(0, BLOCK_N)
-        pos = tl.load(idx_row + n, mask=n < hi, other=-1)  # [BLOCK_N] int64, -1 = unused
+    n_next = lo + tl.arange(0, BLOCK_N)
+    pos_next = tl.load(idx_row + n_next, mask=n_next < hi, other=-1)
+    for _ in range(lo, hi, BLOCK_N):
+        pos = pos_next  # [BLOCK_N] int64, -1 = unused
+        n_next += BLOCK_N
+        pos_next = tl.load(idx_row + n_next, mask=n_next < hi, other=-1)  # next indices in flight
         used = pos >= 0
         kv_mask = used[:, None] if D == D_PAD else used[:, None] & d_ok[None, :]
         keys = tl.load(k_row + pos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
@@ -108,39 +111,52 @@ def _sparse_decode_kernel(
     tl.store(stat_ptr + (cell * 2) * G + g, m_i, mask=g_ok)
     tl.store(stat_ptr + (cell * 2 + 1) * G + g, l_i, mask=g_ok)
 
-    # The row's last split to finish merges every split (release/acquire through the counter).
+    # The row's last split to finish merges every split (release/acquire through the counter), S_BLOCK
+    # splits per step so that the loads of a step are all in flight together.
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_splits - 1:
-        m_all = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-        for s in range(0, n_splits):
-            m_s = tl.load(stat_ptr + ((row * n_splits + s) * 2) * G + g, mask=g_ok, other=float("-inf"),
-                          cache_modifier=".cg")
-            m_all = tl.maximum(m_all, m_s)
+        gg = tl.arange(0, G_P2)
+        sb = tl.arange(0, S_BLOCK)
+        gg_ok = gg < G
+        m_all = tl.full([G_P2], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, n_splits, S_BLOCK):
+            cells = row * n_splits + s0 + sb
+            ok = ((s0 + sb) < n_splits)[:, None] & gg_ok[None, :]
+            m_s = tl.load(stat_ptr + (cells * 2)[:, None] * G + gg[None, :], mask=ok, other=float("-inf"),
+                          cache_modifier=".cg")  # [S_BLOCK, G_P2]
+            m_all = tl.maximum(m_all, _max(m_s, axis=0))
         m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-        num = tl.full([G_PAD, D_PAD], 0, tl.float32)
-        den = tl.full([G_PAD], 0, tl.float32)
-        for s in range(0, n_splits):
-            cell = row * n_splits + s
-            m_s = tl.load(stat_ptr + (cell * 2) * G + g, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(stat_ptr + (cell * 2 + 1) * G + g, mask=g_ok, other=0.0, cache_modifier=".cg")
-            part = tl.load(part_ptr + (cell * G + g[:, None]) * D + d[None, :],
-                           mask=g_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-            w = tl.exp2(m_s - m_use)  # 0 for splits that saw no key
-            num += w[:, None] * part
-            den += w * l_s
+        num = tl.full([G_P2, D_PAD], 0, tl.float32)
+        den = tl.full([G_P2], 0, tl.float32)
+        for s0 in range(0, n_splits, S_BLOCK):
+            cells = row * n_splits + s0 + sb
+            ok = ((s0 + sb) < n_splits)[:, None] & gg_ok[None, :]
+            m_s = tl.load(stat_ptr + (cells * 2)[:, None] * G + gg[None, :], mask=ok, other=float("-inf"),
+                          cache_modifier=".cg")
+            l_s = tl.load(stat_ptr + (cells * 2 + 1)[:, None] * G + gg[None, :], mask=ok, other=0.0,
+                          cache_modifier=".cg")
+            part = tl.load(
+                part_ptr + ((cells[:, None, None] * G + gg[None, :, None]) * D + d[None, None, :]),
+                mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg",
+            )  # [S_BLOCK, G_P2, D_PAD]
+            w = tl.exp2(m_s - m_use[None, :])  # 0 for splits that saw no key
+            den += _sum(w * l_s, axis=0)
+            num += _sum(w[:, :, None] * part, axis=0)
         out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
         tl.store(
-            out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
-            out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :],
+            out_ptr + b * stride_ob + (h * G + gg)[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=gg_ok[:, None] & d_ok[None, :],
         )
         tl.atomic_xchg(counter_ptr + row, 0)
 
 
 def _sparse_decode_triton(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scaling: float,
-    *, block_n: int | None = None, split_len: int | None = None,
+    *, block_n: int | None = None, split_len: int | None = None, programs_per_sm: int = 4,
+    max_splits: int = 64, num_warps: int = 4, num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Launcher: shapes as in sparse_decode_reference. block_n / split_len override the split plan."""
+    """Launcher: shapes as in sparse_decode_reference. The keyword arguments override the split plan
+    (tests use them to force many splits; benchmarks tune them)."""
     _triton.bind(globals())
     b, hq, _, d = query.shape
     hkv, k = keys.shape[1], indices.shape[-1]
@@ -157,9 +173,11 @@ def _sparse_decode_triton(
     rows = b * hkv
     block_n = block_n or (32 if query.dtype == torch.float32 else 64)  # fp32 tiles at 64 spill registers
     if split_len is None:
-        splits = max(1, min(cdiv(_triton.num_programs_target(device), rows), cdiv(k, 2 * block_n), 128))
+        target = _triton.num_programs_target(device) * programs_per_sm // 4
+        splits = max(1, min(cdiv(target, rows), cdiv(k, block_n), max_splits))
         split_len = cdiv(cdiv(k, splits), block_n) * block_n
     splits = cdiv(k, split_len)
+    d_pad = max(16, next_pow2(d))
     part = torch.empty(rows, splits, group, d, dtype=torch.float32, device=device)
     stat = torch.empty(rows, splits, 2, group, dtype=torch.float32, device=device)
     counters = _triton.zeroed_counters(device, rows)
@@ -169,9 +187,10 @@ def _sparse_decode_triton(
         values.stride(0), values.stride(1), values.stride(2), indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1),
         hkv, k, split_len, splits, scaling * math.log2(math.e),
-        G=group, G_PAD=max(16, next_pow2(group)), D=d, D_PAD=max(16, next_pow2(d)), BLOCK_N=block_n,
+        G=group, G_PAD=max(16, next_pow2(group)), G_P2=next_pow2(group), D=d, D_PAD=d_pad, BLOCK_N=block_n,
+        S_BLOCK=max(1, min(next_pow2(splits), 8192 // (next_pow2(group) * d_pad))),
         F32_DOT=query.dtype == torch.float32 or (query.dtype == torch.bfloat16 and device.type != "cuda"),
-        num_warps=4,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return out
 
