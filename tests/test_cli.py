@@ -179,5 +179,5 @@ def test_real_model_demo_dense_answers(capsys):
     pytest.importorskip("gguf")
     code, out, err = run_cli(capsys, "demo")
     assert code == 0, err
-    blocks = out.split("\ndense (the model's own attention)\n")[1]
-    assert "-> correct" in blocks.splitlines()[1], out  # the dense answer line
+    dense_block = out.split("\ndense (the model's own attention)\n")[1]
+    assert "-> correct" in dense_block.splitlines()[0], out  # the dense answer line
