@@ -154,7 +154,7 @@ def test_demo_runs_on_the_tiny_model(capsys, tiny_dir):
                              "--method", "linear", *SPARSE)
     assert code == 0, err
     assert "Question: What is the secret passcode?" in out
-    assert "linear (256 bits), budget 0.25 of the cache, dense layers 0" in out
+    assert "linear (256 bits), budget 25% of the cache, dense layers 0" in out
     assert out.count("  answer: ") == 2 and out.count(" of the cache per decode step") == 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -137,7 +138,9 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
 
 
 def _budget_text(config: SpotlightConfig) -> str:
-    return f"{config.budget:g} of the cache" if isinstance(config.budget, float) else f"{config.budget} tokens"
+    if isinstance(config.budget, float):
+        return f"{config.budget * 100:g}% of the cache"
+    return f"{config.budget} token" + ("" if config.budget == 1 else "s")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -204,6 +207,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
     disable(model)
+    if model.device.type == "cpu":
+        print("(On the CPU every selector runs its pure-torch reference; the decode speed-up needs the GPU kernels.)")
     return 0
 
 
@@ -230,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(verbose)
     try:
         return args.run(args)
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 1
     except (SpotlightError, OSError) as err:
         if verbose:
             logger.exception("traceback")
