@@ -1,4 +1,7 @@
 """Kernels, each beside its pure-torch reference: pack, score_select, sparse_decode.
 
-The public function of each op dispatches: the Triton kernel on CUDA, the reference elsewhere.
+The public function of each op dispatches: the Triton kernel on CUDA tensors, the reference
+elsewhere. `force_reference=True` or SPOTLIGHT_FORCE_REFERENCE=1 forces the reference (debugging);
+`use_kernel=True` runs the kernel on CPU tensors under TRITON_INTERPRET=1 (tests). Importing this
+package never imports Triton (see _triton.py).
 """

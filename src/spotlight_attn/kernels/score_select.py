@@ -5,15 +5,15 @@ an integer in [0, G * bits]. Selection follows selection/topk.py exactly (budget
 padding, ties to the more recent token).
 
 The Triton path selects by counting, not sorting (three launches over row chunks):
-1. `_score_kernel` scores every key once, writes a 16-bit score per key (it stays in L2 for the next
-   two passes) and a 64-bucket histogram per chunk; the last chunk of a row to finish finds the
-   bucket holding the row's k-th best score.
+1. `_score_kernel` scores every key once, writes a 16-bit score per key (1/8 of the code bytes at 128
+   bits, re-read by the next two passes) and a 64-bucket histogram per chunk; the last chunk of a row
+   to finish finds the bucket holding the row's k-th best score.
 2. `_refine_kernel` counts the scores inside that bucket exactly; the last chunk finds the exact
    threshold score, how many of the tied keys at the threshold to take (the most recent ones), and
    where each chunk's picks start in the output row.
 3. `_emit_kernel` writes each chunk's picks in position order, so rows come out sorted, then -1s.
 It needs the valid keys of each batch row to be one run [start, end) (left or right padding); any
-other key_valid falls back to the reference.
+other key_valid falls back to the reference. docs/kernels-notes.md has the measurements behind it.
 
 Scores are computed in a shifted unit that keeps their order: with n1 = number of a KV head's query
 heads whose bit i is 1 and d_i = 2 n1 - G, the agreement of key bit k_i is (G + |d_i| tau_i) / 2 with
@@ -233,8 +233,8 @@ def _refine_kernel(
 ):
     """Pass 2 for chunk program_id(0) of row program_id(1): exact counts inside the threshold bucket.
 
-    Writes fine[row, chunk, FB]; the row's last chunk writes state[row, 2] = threshold x (FORCED when
-    nothing is picked by score) and emit[row, chunk, 0:2] = (output offset, tied keys to skip).
+    Writes fine[row, chunk, FB]; the row's last chunk writes state[row, 2] = threshold x (FORCED - 1
+    when nothing is picked by score) and emit[row, chunk, 0:2] = (output offset, tied keys to skip).
     """
     chunk = tl.program_id(0)
     row = tl.program_id(1)
@@ -245,31 +245,43 @@ def _refine_kernel(
     score_row = score_ptr + row.to(tl.int64) * T
     t0 = chunk * chunk_tokens
     stop = tl.minimum(t0 + chunk_tokens, T)
-    if PACKED:  # keys as [BT/128, 128]: 8-bit count fields of an int64 per 128 keys never overflow
-        t_next = t0 + tl.arange(0, BT // 128)[:, None] * 128 + tl.arange(0, 128)[None, :]
-    else:
-        t_next = t0 + tl.arange(0, BT)
+    lo = bucket << SHIFT  # the bucket's scores are [lo, hi); padding (-1) and FORCED fall outside
+    hi = tl.minimum((bucket + 1) << SHIFT, FORCED)
+    # PACKED (FB <= 16): each key adds 1 to an 8-bit field of one of FB/4 int32 counters, kept per key
+    # slot across the loop (a slot sees at most 255 blocks, see the launcher) and reduced once at the
+    # end: no per-block reduction and no tl.histogram ballots.
+    acc0 = tl.full([BT], 0, tl.int32)
+    acc1 = tl.full([BT], 0, tl.int32)
+    acc2 = tl.full([BT], 0, tl.int32)
+    acc3 = tl.full([BT], 0, tl.int32)
+    t_next = t0 + tl.arange(0, BT)
     s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)
     for _ in range(t0, stop, BT):
-        t = t_next
         s = s_next.to(tl.int32)
-        t_next = t + BT
+        t_next += BT
         s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)  # next block in flight
-        inside = (s >= 0) & (s < FORCED) & ((s >> SHIFT) == bucket)
-        f = s & ((1 << SHIFT) - 1)
+        inside = (s >= lo) & (s < hi)
+        f = s - lo
         if PACKED:
-            # Cheaper than tl.histogram's per-key ballots when FB <= 16.
-            for half in tl.static_range(0, FB, 8):
-                field = (((f - half) & 7) * 8).to(tl.int64)  # in range; keys outside [half, half+8) add 0
-                one = tl.where(inside & (f >= half) & (f < half + 8), tl.full(f.shape, 1, tl.int64) << field, 0)
-                packed = _sum(one, axis=1)  # [BT/128] int64, 8 fields
-                lane = fine_bins - half
-                ok = (lane >= 0) & (lane < 8)
-                shift = tl.where(ok, lane * 8, 0).to(tl.int64)
-                per_bin = (packed[:, None] >> shift[None, :]) & 0xFF  # [BT/128, FB]
-                fine += tl.where(ok, _sum(per_bin, axis=0).to(tl.int32), 0)
+            one = tl.where(inside, 1 << ((f & 3) * 8), 0)
+            acc0 += tl.where((f >> 2) == 0, one, 0)
+            if FB > 4:
+                acc1 += tl.where((f >> 2) == 1, one, 0)
+            if FB > 8:
+                acc2 += tl.where((f >> 2) == 2, one, 0)
+            if FB > 12:
+                acc3 += tl.where((f >> 2) == 3, one, 0)
         else:
             fine += tl.histogram(f, FB, mask=inside)
+    if PACKED:  # unpack per key slot first, then sum the fields in int32
+        for field in tl.static_range(4):
+            fine += tl.where(fine_bins == field, _sum((acc0 >> (8 * field)) & 0xFF, axis=0), 0)
+            if FB > 4:
+                fine += tl.where(fine_bins == 4 + field, _sum((acc1 >> (8 * field)) & 0xFF, axis=0), 0)
+            if FB > 8:
+                fine += tl.where(fine_bins == 8 + field, _sum((acc2 >> (8 * field)) & 0xFF, axis=0), 0)
+            if FB > 12:
+                fine += tl.where(fine_bins == 12 + field, _sum((acc3 >> (8 * field)) & 0xFF, axis=0), 0)
     tl.store(fine_ptr + (row * n_chunks + chunk) * FB + fine_bins, fine)
 
     tl.debug_barrier()
@@ -292,7 +304,7 @@ def _refine_kernel(
         picked = base + above + take
         tl.store(emit_ptr + (row * n_chunks + c) * 2, _cumsum(picked, axis=0) - picked, mask=c_ok)
         tl.store(emit_ptr + (row * n_chunks + c) * 2 + 1, tied - take, mask=c_ok)
-        threshold = tl.where(need > 0, (bucket << SHIFT) + level, FORCED)
+        threshold = tl.where(need > 0, (bucket << SHIFT) + level, FORCED - 1)  # FORCED - 1: no score is that high
         tl.store(state_ptr + row * 4 + 2, threshold)
         tl.atomic_xchg(counter_ptr + row, 0)
 
@@ -322,9 +334,9 @@ def _emit_kernel(
         s = s_next.to(tl.int32)
         t_next = t + BT
         s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)  # next block in flight
-        scored = (s >= 0) & (s < FORCED)
-        tie = scored & (s == threshold)
-        sure = (s == FORCED) | (scored & (s > threshold))
+        # 0 <= threshold < FORCED: padding (-1) is below it, sink/window keys (FORCED) above it.
+        tie = s == threshold
+        sure = s > threshold
         # One scan for both counts: ties in the high 16 bits, sure picks in the low 16 (BT <= 32768).
         both = (tie.to(tl.int32) << 16) | sure.to(tl.int32)
         running = _cumsum(both, axis=0)
@@ -412,10 +424,11 @@ def _score_select_triton(
         HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch,
         num_warps=score_warps,
     )
-    packed = fine_bins <= 16 and bt_emit >= 128
+    bt_refine = min(bt_emit, 2048)
+    packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
     _refine_kernel[grid](
         scores, fine, base, state, emit, counters, t, chunks, chunk_tokens,
-        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_emit, PACKED=packed, FORCED=FORCED, num_warps=8,
+        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, num_warps=8,
     )
     _emit_kernel[grid](
         scores, state, emit, plan.bounds, out, hkv, t, plan.k, chunk_tokens, chunks,
@@ -444,7 +457,7 @@ def score_select(
     if not _triton.use_kernel((query_codes, key_codes, key_valid), use_kernel, force_reference):
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
     group = query_codes.shape[1] // key_codes.shape[1]
-    if bits * (group >> (1 - group % 2)) >= FORCED or (group >> (1 - group % 2)) >= 32:  # 16-bit scores, 5 planes
+    if bits * (group >> (1 - group % 2)) >= FORCED - 1 or (group >> (1 - group % 2)) >= 32:  # int16, 5 planes
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
     plan = plan if plan is not None else plan_select(key_valid, budget)
     if plan.budget != budget:

@@ -111,37 +111,34 @@ def _sparse_decode_kernel(
     tl.store(stat_ptr + (cell * 2) * G + g, m_i, mask=g_ok)
     tl.store(stat_ptr + (cell * 2 + 1) * G + g, l_i, mask=g_ok)
 
-    # The row's last split to finish merges every split (release/acquire through the counter), S_BLOCK
-    # splits per step so that the loads of a step are all in flight together.
+    # The row's last split to finish merges every split (release/acquire through the counter): one
+    # online-softmax pass, S_BLOCK splits a step so that a step's loads are all in flight together.
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_splits - 1:
         gg = tl.arange(0, G_P2)
         sb = tl.arange(0, S_BLOCK)
         gg_ok = gg < G
-        m_all = tl.full([G_P2], float("-inf"), dtype=tl.float32)
-        for s0 in range(0, n_splits, S_BLOCK):
-            cells = row * n_splits + s0 + sb
-            ok = ((s0 + sb) < n_splits)[:, None] & gg_ok[None, :]
-            m_s = tl.load(stat_ptr + (cells * 2)[:, None] * G + gg[None, :], mask=ok, other=float("-inf"),
-                          cache_modifier=".cg")  # [S_BLOCK, G_P2]
-            m_all = tl.maximum(m_all, _max(m_s, axis=0))
-        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+        m_run = tl.full([G_P2], float("-inf"), dtype=tl.float32)
         num = tl.full([G_P2, D_PAD], 0, tl.float32)
         den = tl.full([G_P2], 0, tl.float32)
         for s0 in range(0, n_splits, S_BLOCK):
             cells = row * n_splits + s0 + sb
             ok = ((s0 + sb) < n_splits)[:, None] & gg_ok[None, :]
             m_s = tl.load(stat_ptr + (cells * 2)[:, None] * G + gg[None, :], mask=ok, other=float("-inf"),
-                          cache_modifier=".cg")
+                          cache_modifier=".cg")  # [S_BLOCK, G_P2]
             l_s = tl.load(stat_ptr + (cells * 2 + 1)[:, None] * G + gg[None, :], mask=ok, other=0.0,
                           cache_modifier=".cg")
             part = tl.load(
                 part_ptr + ((cells[:, None, None] * G + gg[None, :, None]) * D + d[None, None, :]),
                 mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg",
             )  # [S_BLOCK, G_P2, D_PAD]
+            m_new = tl.maximum(m_run, _max(m_s, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.exp2(m_run - m_use)  # 0 while nothing was seen
             w = tl.exp2(m_s - m_use[None, :])  # 0 for splits that saw no key
-            den += _sum(w * l_s, axis=0)
-            num += _sum(w[:, :, None] * part, axis=0)
+            den = den * rescale + _sum(w * l_s, axis=0)
+            num = num * rescale[:, None] + _sum(w[:, :, None] * part, axis=0)
+            m_run = m_new
         out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
         tl.store(
             out_ptr + b * stride_ob + (h * G + gg)[:, None] * stride_oh + d[None, :],
@@ -152,8 +149,8 @@ def _sparse_decode_kernel(
 
 def _sparse_decode_triton(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scaling: float,
-    *, block_n: int | None = None, split_len: int | None = None, programs_per_sm: int = 4,
-    max_splits: int = 64, num_warps: int = 4, num_stages: int | None = None,
+    *, block_n: int | None = None, split_len: int | None = None, programs_per_sm: int = 2,
+    max_splits: int = 32, num_warps: int = 4, num_stages: int | None = None,
 ) -> torch.Tensor:
     """Launcher: shapes as in sparse_decode_reference. The keyword arguments override the split plan
     (tests use them to force many splits; benchmarks tune them)."""
@@ -178,6 +175,7 @@ def _sparse_decode_triton(
         split_len = cdiv(cdiv(k, splits), block_n) * block_n
     splits = cdiv(k, split_len)
     d_pad = max(16, next_pow2(d))
+    merge_tile = 4096 if query.dtype == torch.float32 else 8192  # partials merged per step (registers)
     part = torch.empty(rows, splits, group, d, dtype=torch.float32, device=device)
     stat = torch.empty(rows, splits, 2, group, dtype=torch.float32, device=device)
     counters = _triton.zeroed_counters(device, rows)
@@ -188,7 +186,7 @@ def _sparse_decode_triton(
         out.stride(0), out.stride(1),
         hkv, k, split_len, splits, scaling * math.log2(math.e),
         G=group, G_PAD=max(16, next_pow2(group)), G_P2=next_pow2(group), D=d, D_PAD=d_pad, BLOCK_N=block_n,
-        S_BLOCK=max(1, min(next_pow2(splits), 8192 // (next_pow2(group) * d_pad))),
+        S_BLOCK=max(1, min(next_pow2(splits), merge_tile // (next_pow2(group) * d_pad))),
         F32_DOT=query.dtype == torch.float32 or (query.dtype == torch.bfloat16 and device.type != "cuda"),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
