@@ -190,3 +190,20 @@ def test_recorder_sees_post_rope_queries_and_keys_of_every_layer():
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     assert seen == [(i, (1, 4, 40, 64), (1, 2, 40, 64)) for i in range(3)]
     sa.disable(model)
+
+
+def test_force_reference_reaches_the_kernel_dispatch(monkeypatch):
+    import spotlight_attn.attention as attention_module
+    import spotlight_attn.selection.selectors as selectors_module
+
+    seen = []
+    real_decode, real_select = attention_module.sparse_decode, selectors_module.score_select
+    monkeypatch.setattr(attention_module, "sparse_decode", lambda *a, **k: seen.append(("decode", k)) or real_decode(*a, **k))
+    monkeypatch.setattr(selectors_module, "score_select", lambda *a, **k: seen.append(("select", k)) or real_select(*a, **k))
+    model = tiny_model("llama", 4, 2, 64, layers=3)
+    ids, mask = prompts(batch=1, pad=(0,))
+    sa.enable(model, None, SpotlightConfig(method="linear", budget=0.5, force_reference=True))
+    greedy(model, ids, mask, n=2)
+    assert {name for name, _ in seen} == {"decode", "select"}
+    assert all(kwargs.get("force_reference") is True for _, kwargs in seen)
+    sa.disable(model)

@@ -94,7 +94,7 @@ def spotlight_attention(
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = cache.layers[layer_idx]
     indices = installed.selector.select(query, layer, installed.config.budget_spec, scaling)  # [B, Hkv, k]
-    out = sparse_decode(query, key, value, indices, scaling)  # [B, Hq, 1, D]
+    out = sparse_decode(query, key, value, indices, scaling, force_reference=installed.config.force_reference)  # [B, Hq, 1, D]
     cache.read = cache.read + (indices >= 0).sum()
     cache.cached = cache.cached + layer.key_valid.sum() * key.shape[1]
     return out.transpose(1, 2), None
@@ -128,7 +128,7 @@ def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, devi
         hasher = LinearHasher(geometry, bits=config.bits, seed=config.seed, layers=sparse_layers)
     if hasher is not None:
         hasher = hasher.to(device).eval().requires_grad_(False)
-        return HashSelector(hasher, method)
+        return HashSelector(hasher, method, force_reference=config.force_reference)
     return {
         Method.DENSE: DenseSelector,
         Method.ORACLE: OracleSelector,

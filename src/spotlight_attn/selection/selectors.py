@@ -69,9 +69,10 @@ class OracleSelector(Selector):
 class HashSelector(Selector):
     """Spotlight (learned MLPHasher) or LinearHash (SimHash LinearHasher): the same scoring on codes."""
 
-    def __init__(self, hasher, method: Method):
+    def __init__(self, hasher, method: Method, force_reference: bool = False):
         self.hasher = hasher
         self.method = method
+        self.force_reference = force_reference  # skip the GPU kernel (debugging)
 
     def key_index(self, layer_idx):
         return (lambda keys: self.hasher.key_codes(layer_idx, keys)), None
@@ -81,7 +82,9 @@ class HashSelector(Selector):
 
     def select(self, query, layer, budget, scaling):
         query_codes = self.hasher.query_codes(layer.layer_idx, query)  # [B, Hq, 1, W]
-        return score_select(query_codes, layer.codes, layer.key_valid, budget, self.hasher.bits)
+        return score_select(
+            query_codes, layer.codes, layer.key_valid, budget, self.hasher.bits, force_reference=self.force_reference
+        )
 
 
 class QuestSelector(Selector):
