@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from _tee import open_tee
+
 from spotlight_attn.bench import CONTEXTS, GEOMETRIES, copy_bandwidth, rows_as_dicts, run_bench
 from spotlight_attn.config import Budget
 from spotlight_attn.kernels.score_select import plan_select, score_select
@@ -117,12 +119,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "bench_kernels.log", "w")
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log, log_file = open_tee(out / "bench_kernels.log")
 
     import triton
 

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from _tee import open_tee
+
 from spotlight_attn.bench import GEOMETRIES, _median_graph_us, copy_bandwidth
 from spotlight_attn.config import Budget
 from spotlight_attn.kernels.score_select import _score_select_triton, plan_select
@@ -57,12 +59,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "tune_kernels.log", "w")
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log, log_file = open_tee(out / "tune_kernels.log")
 
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
