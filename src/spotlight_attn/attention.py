@@ -58,16 +58,13 @@ class Installed:
             (None, None) if i in self.config.dense_layers else self.selector.key_index(i)
             for i in range(self.geometry.num_layers)
         ]
-        cache = SpotlightCache(specs)
-        cache.spotlight = self  # the cache belongs to this setting
-        cache.read = cache.cached = 0  # keys read / valid keys held, summed over decode steps (see read_fraction)
-        return cache
+        return SpotlightCache(specs, owner=self)
 
 
 def read_fraction(cache: SpotlightCache) -> float:
     """Mean fraction of the valid cached keys that sparse decode steps read (dense layers count as 1)."""
-    if not getattr(cache, "cached", 0):
-        return 1.0
+    if not isinstance(cache, SpotlightCache) or not cache.cached:
+        return 1.0  # the model's own cache (spotlight disabled), or no decode step yet: everything read
     return float(cache.read) / float(cache.cached)
 
 
@@ -129,11 +126,9 @@ def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, devi
     if hasher is not None:
         hasher = hasher.to(device).eval().requires_grad_(False)
         return HashSelector(hasher, method, force_reference=config.force_reference)
-    return {
-        Method.DENSE: DenseSelector,
-        Method.ORACLE: OracleSelector,
-        Method.STREAMING: StreamingSelector,
-    }.get(method, lambda: QuestSelector(config.page_size))()
+    if method is Method.QUEST:
+        return QuestSelector(config.page_size)
+    return {Method.DENSE: DenseSelector, Method.ORACLE: OracleSelector, Method.STREAMING: StreamingSelector}[method]()
 
 
 def _decoder(model):
@@ -151,7 +146,7 @@ def _before_decoder_forward(installed: Installed, signature: inspect.Signature, 
     kwargs["spotlight"] = installed
     if cache is None and not use_cache:
         return (), kwargs  # no cache: every call is a full dense forward
-    if getattr(cache, "spotlight", None) is not installed:
+    if getattr(cache, "owner", None) is not installed:
         if cache is not None and cache.get_seq_length() > 0:
             raise SpotlightError(
                 "this cache already holds tokens that spotlight did not index; start from past_key_values=None "

@@ -121,9 +121,14 @@ class SpotlightLayer(DynamicLayer):
 class SpotlightCache(Cache):
     """One SpotlightLayer per model layer, all sharing one SequenceState."""
 
-    def __init__(self, layer_specs: list[tuple[KeyHasher | None, int | None]]):
-        """layer_specs[i] = (key hasher or None, Quest page size or None) for layer i."""
+    def __init__(self, layer_specs: list[tuple[KeyHasher | None, int | None]], owner=None):
+        """layer_specs[i] = (key hasher or None, Quest page size or None) for layer i.
+        `owner` is the enable() setting that made this cache; a cache only serves its owner."""
         self.seq = SequenceState()
+        self.owner = owner
+        # Keys read and valid keys held, summed over decode steps and layers (see attention.read_fraction).
+        self.read: torch.Tensor | int = 0
+        self.cached: torch.Tensor | int = 0
         layers = [SpotlightLayer(self.seq, i, hasher, page) for i, (hasher, page) in enumerate(layer_specs)]
         super().__init__(layers=layers)
 
