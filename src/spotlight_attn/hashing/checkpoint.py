@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from spotlight_attn.config import HasherConfig
 from spotlight_attn.errors import CheckpointError, HasherMismatchError
 from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
+from spotlight_attn.models import ModelGeometry
 
 FORMAT = "spotlight-attn/hasher"
 FORMAT_VERSION = "1"
@@ -31,10 +32,8 @@ CHECKED_FIELDS = ("family", "num_layers", "num_q_heads", "num_kv_heads", "head_d
 
 
 def _geometry_of(model_or_geometry):
-    if hasattr(model_or_geometry, "num_kv_heads"):
+    if isinstance(model_or_geometry, ModelGeometry):
         return model_or_geometry
-    from spotlight_attn.models import ModelGeometry
-
     return ModelGeometry.from_model(model_or_geometry)
 
 
