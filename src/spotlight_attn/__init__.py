@@ -6,7 +6,7 @@
     spotlight_attn.disable(model)
 """
 
-from spotlight_attn.attention import disable, enable
+from spotlight_attn.attention import disable, enable, index_cache, teacher_forcing
 from spotlight_attn.config import HasherConfig, SpotlightConfig
 from spotlight_attn.hashing import LinearHasher, MLPHasher, load_hasher, save_hasher
 from spotlight_attn.models import load_model
@@ -19,7 +19,9 @@ __all__ = [
     "SpotlightConfig",
     "disable",
     "enable",
+    "index_cache",
     "load_hasher",
     "load_model",
     "save_hasher",
+    "teacher_forcing",
 ]

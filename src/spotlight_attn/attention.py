@@ -8,10 +8,16 @@ How it hooks in, without replacing any forward method:
   and `spotlight_cache` kwargs, which transformers forwards to the attention function.
 Prefill (query length > 1) runs dense SDPA; keys are hashed as they enter the cache. Decode
 (query length 1) selects per KV head, then attends over only the selected rows.
+
+For evaluation, `teacher_forcing(model, start)` makes one forward pass over a whole text behave as
+if every position from `start` on had been decoded one token at a time (each position attends to
+what its decode step would select over its causal past), and `index_cache` turns one dense
+prefill into the cache of any method, so several methods can share it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ from spotlight_attn.hashing.checkpoint import check_geometry
 from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
 from spotlight_attn.kernels.sparse_decode import sparse_decode
 from spotlight_attn.models import ModelGeometry
+from spotlight_attn.selection.topk import select_topk, selected_mask
 from spotlight_attn.selection.selectors import (
     DenseSelector,
     HashSelector,
@@ -52,6 +59,7 @@ class Installed:
     previous_attention: str
     hook: torch.utils.hooks.RemovableHandle
     recorder: Callable | None = None  # recorder(layer_idx, query, key, attention_mask), called on every attention call
+    teacher_forced_from: int | None = None  # set by teacher_forcing(): positions >= this select in multi-token calls
 
     def new_cache(self) -> SpotlightCache:
         specs = [
@@ -78,10 +86,13 @@ def spotlight_attention(
         installed.recorder(layer_idx, query, key, attention_mask)
     dense = (
         cache is None
-        or query.shape[2] != 1
         or installed.config.method is Method.DENSE
         or layer_idx in installed.config.dense_layers
+        or (query.shape[2] != 1 and installed.teacher_forced_from is None)
     )
+    if not dense and query.shape[2] != 1:
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _teacher_forced_attention(installed, cache, cache.layers[layer_idx], query, key, value, scaling), None
     if dense:
         if cache is not None and query.shape[2] == 1:
             valid = cache.layers[layer_idx].key_valid.sum() * key.shape[1]
@@ -95,6 +106,44 @@ def spotlight_attention(
     cache.read = cache.read + (indices >= 0).sum()
     cache.cached = cache.cached + layer.key_valid.sum() * key.shape[1]
     return out.transpose(1, 2), None
+
+
+def _teacher_forced_attention(installed, cache, layer, query, key, value, scaling: float, block: int = 128) -> torch.Tensor:
+    """Multi-token call under teacher_forcing(): query [B, Hq, S, D] at cache positions T-S .. T-1 -> [B, S, Hq, D].
+
+    A row at a position >= installed.teacher_forced_from reads what the selector picks over its
+    causal past (the same scores and top-k rules as a decode step there); earlier rows read their
+    whole causal past, as a prefill does. Rows are done `block` at a time to bound memory.
+    """
+    b, hq, s, d = query.shape
+    t = key.shape[2]
+    group = hq // key.shape[1]
+    keys, values = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)  # [B, Hq, T, D]
+    positions = torch.arange(t - s, t, device=query.device)
+    key_pos = torch.arange(t, device=query.device)
+    valid = layer.key_valid  # [B, T]
+    budget = installed.config.budget_spec
+    out = torch.empty_like(query)
+    for lo in range(0, s, block):
+        pos = positions[lo : lo + block]  # [s']
+        q = query[:, :, lo : lo + block]
+        row_valid = valid[:, None, :] & (key_pos[None, None, :] <= pos[None, :, None])  # [B, s', T]
+        allowed = row_valid[:, None].expand(-1, key.shape[1], -1, -1)  # [B, Hkv, s', T]
+        sparse = pos >= installed.teacher_forced_from  # [s']
+        if bool(sparse.any()):
+            scores = installed.selector.scores_rows(q, layer, scaling, row_valid)  # [B, Hkv, s', T]
+            flat = scores.transpose(1, 2).flatten(0, 1)  # [B*s', Hkv, T]
+            picked = select_topk(flat, row_valid.flatten(0, 1), budget)  # [B*s', Hkv, k]
+            chosen = selected_mask(picked, t).unflatten(0, (b, pos.numel())).transpose(1, 2)  # [B, Hkv, s', T]
+            allowed = torch.where(sparse[None, None, :, None], chosen, allowed)
+            cache.read = cache.read + chosen[:, :, sparse].sum()
+            cache.cached = cache.cached + row_valid[:, sparse].sum() * key.shape[1]
+        mask = allowed.repeat_interleave(group, 1)  # [B, Hq, s', T]
+        mask = mask | ~mask.any(-1, keepdim=True)  # a padding row sees nothing; let it see all (its output is unused)
+        out[:, :, lo : lo + block] = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=scaling
+        )
+    return out.transpose(1, 2)
 
 
 AttentionInterface.register(ATTENTION_NAME, spotlight_attention)
@@ -183,6 +232,52 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
     model.spotlight = installed
     logger.info("spotlight enabled: method=%s budget=%s dense_layers=%s", config.method.value, config.budget, config.dense_layers)
     return model
+
+
+@contextlib.contextmanager
+def teacher_forcing(model, start: int = 0):
+    """Inside the block, a forward pass over a whole text (with use_cache=True) scores it as decoding would.
+
+    Each position p >= start attends only to the keys the enabled method would select at a decode
+    step holding positions 0..p (same scores, budget, sink, window and tie rules); positions < start
+    attend to their whole causal past, as a prefill does. One pass replaces len - start decode steps,
+    which makes perplexity under retrieval cheap to measure:
+
+        with teacher_forcing(model, start=512):
+            logits = model(input_ids, use_cache=True).logits
+    """
+    installed = _installed(model)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise SpotlightError(f"teacher_forcing start must be an int >= 0, got {start!r}")
+    previous, installed.teacher_forced_from = installed.teacher_forced_from, start
+    try:
+        yield model
+    finally:
+        installed.teacher_forced_from = previous
+
+
+def index_cache(model, cache) -> SpotlightCache:
+    """A cache for `model`'s enabled method holding the K/V of `cache` (e.g. a dense prefill's DynamicCache).
+
+    Keys are hashed and paged as if they had entered through the method's own prefill (which is
+    dense too), so one dense prefill can serve several methods. The tensors are shared, not copied;
+    decoding appends to new tensors and leaves `cache` as it was.
+    """
+    installed = _installed(model)
+    indexed = installed.new_cache()
+    if len(cache.layers) != len(indexed.layers):
+        raise SpotlightError(f"the cache has {len(cache.layers)} layers, the model {len(indexed.layers)}")
+    for ours, theirs in zip(indexed.layers, cache.layers):
+        if theirs.keys is not None and theirs.keys.numel():
+            ours.update(theirs.keys, theirs.values)
+    return indexed
+
+
+def _installed(model) -> Installed:
+    installed = getattr(model, "spotlight", None)
+    if installed is None:
+        raise SpotlightError("spotlight is not enabled on this model: call spotlight_attn.enable(model, ...) first")
+    return installed
 
 
 def disable(model):

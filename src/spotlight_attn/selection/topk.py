@@ -50,3 +50,10 @@ def select_topk(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget) -
     picked = picked.masked_fill(unused, t)  # sort unused slots last, then mark them -1
     picked = picked.sort(dim=-1).values
     return picked.masked_fill(picked == t, -1)
+
+
+def selected_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
+    """indices [B, H, k] int64 (-1 = unused) -> [B, H, length] bool: which positions are picked."""
+    mask = torch.zeros(*indices.shape[:2], length + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, indices.masked_fill(indices < 0, length), True)
+    return mask[..., :length]
