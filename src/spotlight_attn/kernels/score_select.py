@@ -94,6 +94,38 @@ def plan_select(key_valid: torch.Tensor, budget: Budget) -> SelectPlan:
     return SelectPlan(budget, max(k_rows), k_rows, bounds, contiguous)
 
 
+def device_tokens_for(n_valid: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """Budget.tokens_for on a device tensor of valid counts [B] -> [B] int64, with no host read.
+
+    Same arithmetic as the host version (float64 ceil of amount * n - 1e-9), so the two agree exactly.
+    """
+    n = n_valid.to(torch.int64)
+    if budget.is_fraction:
+        wanted = torch.ceil(budget.amount * n.to(torch.float64) - 1e-9).to(torch.int64)
+    else:
+        wanted = torch.full_like(n, int(budget.amount))
+    wanted = torch.maximum(wanted, torch.clamp(n, max=budget.sink + budget.window))
+    wanted = torch.clamp(wanted, min=budget.min_tokens)
+    return torch.minimum(wanted, n)
+
+
+def plan_from_lengths(lengths: torch.Tensor, budget: Budget, k: int, bounds: torch.Tensor | None = None) -> SelectPlan:
+    """A SelectPlan for rows whose valid keys are positions [0, lengths[b]), built on the device.
+
+    No device-to-host read, so it can sit inside a CUDA graph: `k` (the output width) is fixed by the
+    caller and must be at least every row's token count (Budget.tokens_for of the largest length the
+    plan will serve); rows that read fewer get -1 tails. `bounds` [B, 3] int32, if given, is written in
+    place (a static buffer for graph replays).
+    """
+    k_rows = device_tokens_for(lengths, budget)  # [B]
+    rows = torch.stack([torch.zeros_like(k_rows), lengths.to(torch.int64), k_rows], dim=1).to(torch.int32)
+    if bounds is None:
+        bounds = rows
+    else:
+        bounds.copy_(rows)
+    return SelectPlan(budget, int(k), (int(k),) * lengths.shape[0], bounds, True)
+
+
 @_triton.kernel
 def _popc(v, HW: tl.constexpr):
     """Set bits of each int32 word: the hardware instruction, or SWAR under the interpreter."""
