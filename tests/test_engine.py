@@ -90,6 +90,7 @@ def test_small_budget_equals_enable_path(make_tiny_model, method, budget, group)
     assert not torch.equal(want_tokens, dense_tokens) or budget == 0.2  # the budget really bites
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run; the gpu tests below run the compiled kernels")
 def test_kernels_in_interpreter_equal_reference_engine(make_tiny_model):
     pytest.importorskip("triton")
     model = make_tiny_model("llama", q_heads=4, kv_heads=2, head_dim=16, layers=3, seed=2)
@@ -137,3 +138,37 @@ def test_refusals(make_tiny_model):
     with pytest.raises(SpotlightError, match="disable"):
         DecodeEngine(model, None, SpotlightConfig(method="dense"), max_batch=1, max_tokens=8)
     disable(model)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graphs_equal_eager_and_enable_path(make_tiny_model):
+    model = make_tiny_model("llama", q_heads=8, kv_heads=2, head_dim=64, layers=3, seed=4).cuda()
+    config = SpotlightConfig(method="linear", budget=7, bits=128, sink=1, window=2, min_tokens=3, dense_layers=(0,))
+    ids, mask = (t.cuda() for t in prompts(seed=5, lengths=(300, 257)))
+    enable(model, None, config)
+    want_tokens, want_logits = hf_generate(model, ids, mask)
+    disable(model)
+    eager = engine_generate(model, None, config, ids, mask, graphs=False)
+    graphed = engine_generate(model, None, config, ids, mask, graphs=True, bucket=64)
+    compiled = engine_generate(model, None, config, ids, mask, graphs=True, compile=True)
+    for tokens, logits in (eager, graphed, compiled):
+        assert torch.equal(tokens, want_tokens)
+        assert close(logits, want_logits, 1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", ["flash-varlen", "sdpa"])
+def test_dense_kernels_bf16(make_tiny_model, kernel):
+    """bf16 dense decoding through each CUDA dense kernel vs the masked SDPA path (equal-length rows for sdpa)."""
+    model = make_tiny_model("llama", q_heads=8, kv_heads=2, head_dim=128, layers=2, seed=6).cuda().to(torch.bfloat16)
+    lengths = (700, 700) if kernel == "sdpa" else (700, 333)
+    ids, mask = (t.cuda() for t in prompts(seed=7, lengths=lengths))
+    config = SpotlightConfig(method="dense")
+    want = engine_generate(model, None, config, ids, mask, dense_kernel="sdpa-masked", graphs=False)
+    got = engine_generate(model, None, config, ids, mask, dense_kernel=kernel, bucket=1 if kernel == "sdpa" else 128)
+    assert close(got[1], want[1], 2e-2)

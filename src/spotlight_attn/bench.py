@@ -17,6 +17,7 @@ index sets), so timings are of HBM traffic, not of L2 hits.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ import torch
 from spotlight_attn.config import Budget
 from spotlight_attn.kernels.score_select import plan_select, score_select
 from spotlight_attn.kernels.sparse_decode import sparse_decode
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,22 @@ HEADER = (
 
 def _ctx(t: int) -> str:
     return f"{t >> 20}M" if t >= 1 << 20 and t % (1 << 20) == 0 else f"{t >> 10}K"
+
+
+def require_cuda(device: torch.device | str | None = None) -> torch.device:
+    """The CUDA device to benchmark on; SpotlightError naming what is missing otherwise."""
+    from spotlight_attn.errors import SpotlightError
+    from spotlight_attn.kernels._triton import triton_installed
+
+    device = torch.device(device or "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise SpotlightError(
+            f"the benchmarks need a CUDA GPU; this machine has none (torch {torch.__version__}, "
+            f"torch.cuda.is_available() is False)" if not torch.cuda.is_available() else f"the benchmarks need a CUDA device, not {device}"
+        )
+    if not triton_installed():
+        raise SpotlightError("the benchmarks need Triton: pip install 'spotlight-attn[triton]'")
+    return device
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -267,7 +286,7 @@ def run_bench(
     dtype: torch.dtype = torch.float16,
     bandwidth: float | None = None,
     device: torch.device | str | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Benchmark `kind` ("retrieval" or "attention") on a CUDA device; logs and returns the rows.
 
@@ -275,9 +294,9 @@ def run_bench(
     """
     if kind not in ("retrieval", "attention"):
         raise ValueError(f"unknown benchmark {kind!r}: choose 'retrieval' or 'attention'")
+    log = log or logger.info
     device = torch.device(device or "cuda")
-    if device.type != "cuda":
-        raise RuntimeError("the benchmarks need a CUDA device")
+    require_cuda(device)
     geometries = geometries or GEOMETRIES
     budget = budget or Budget(0.02, 20, 4, 16)
     bandwidth = bandwidth or copy_bandwidth(device)

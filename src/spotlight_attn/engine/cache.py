@@ -29,14 +29,15 @@ class StaticCache:
         cls, num_layers: int, batch: int, max_tokens: int, kv_heads: int, head_dim: int, words: int,
         sparse_layers: set[int], dtype: torch.dtype, device: torch.device,
     ) -> StaticCache:
-        """Uninitialised buffers (positions past a row's length are never read)."""
+        """Zeroed buffers. Positions past a row's length are never selected, but a masked dense kernel
+        still multiplies their values by a zero weight, so they must hold finite numbers (not NaN)."""
         kv_shape = (batch, max_tokens, kv_heads, head_dim)
         code_shape = (batch, kv_heads, max_tokens, words)
         return cls(
-            keys=[torch.empty(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)],
-            values=[torch.empty(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            keys=[torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            values=[torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)],
             codes=[
-                torch.empty(code_shape, dtype=torch.int32, device=device) if i in sparse_layers else None
+                torch.zeros(code_shape, dtype=torch.int32, device=device) if i in sparse_layers else None
                 for i in range(num_layers)
             ],
             lengths=torch.zeros(batch, dtype=torch.int64, device=device),

@@ -27,24 +27,28 @@ class DenseKernel(str, Enum):
     SDPA_MASKED = "sdpa-masked"
 
 
-def flash_varlen_available(device: torch.device) -> bool:
-    """Whether torch's flash-attention varlen op runs here (CUDA, sm80+, the op present)."""
-    if device.type != "cuda" or not hasattr(torch.ops.aten, "_flash_attention_forward"):
+def flash_varlen_available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether torch's flash-attention varlen op runs here (CUDA, sm80+, fp16/bf16, the op present)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def default_kernel(device: torch.device) -> DenseKernel:
-    return DenseKernel.FLASH_VARLEN if flash_varlen_available(device) else DenseKernel.SDPA_MASKED
+def default_kernel(device: torch.device, dtype: torch.dtype) -> DenseKernel:
+    return DenseKernel.FLASH_VARLEN if flash_varlen_available(device, dtype) else DenseKernel.SDPA_MASKED
 
 
 class DenseAttention:
     """Holds the small constant tensors a kernel needs (built once, so graph replays allocate nothing)."""
 
-    def __init__(self, kernel: DenseKernel | str, batch: int, max_tokens: int, device: torch.device):
+    def __init__(self, kernel: DenseKernel | str, batch: int, max_tokens: int, device: torch.device, dtype: torch.dtype):
         self.kernel = DenseKernel(kernel)
-        if self.kernel is DenseKernel.FLASH_VARLEN and not flash_varlen_available(device):
-            raise SpotlightError(f"dense kernel 'flash-varlen' needs a CUDA GPU of compute capability >= 8.0, not {device}")
+        if self.kernel is DenseKernel.FLASH_VARLEN and not flash_varlen_available(device, dtype):
+            raise SpotlightError(
+                f"dense kernel 'flash-varlen' needs fp16/bf16 on a CUDA GPU of compute capability >= 8.0, not {dtype} on {device}"
+            )
         rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self.cu_q = rows  # [B + 1]: one query token per row
         self.cu_k = rows * max_tokens  # [B + 1]: row b's keys start at b * T_max in the flat view

@@ -146,7 +146,9 @@ class DecodeEngine:
         self.cache = StaticCache.allocate(
             g.num_layers, max_batch, max_tokens, g.num_kv_heads, g.head_dim, words, self.sparse_layers, self.dtype, self.device
         )
-        self.dense = DenseAttention(dense_kernel or default_kernel(self.device), max_batch, max_tokens, self.device)
+        self.dense = DenseAttention(
+            dense_kernel or default_kernel(self.device, self.dtype), max_batch, max_tokens, self.device, self.dtype
+        )
         self._rows = torch.arange(max_batch, device=self.device)
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)  # the step's input
         self._logits = torch.empty(max_batch, model.config.vocab_size, dtype=self.dtype, device=self.device)

@@ -1,0 +1,357 @@
+"""End-to-end decode throughput on a GPU: `spotlight bench decode` (issue 6).
+
+For each model shape, context, batch and method, a DecodeEngine over a random-weight model of that
+geometry (speed does not depend on the weight values) decodes greedily:
+- the cache is filled with random keys/values (N(0, 1)) and the keys' real hash codes instead of a
+  real prefill (a prefill of 128K tokens x batch 3 would need its own memory);
+- `warmup` steps (graph capture, kernel compilation), then `steps` timed steps, each timed with CUDA
+  events around engine.step() + the greedy argmax; the median is reported;
+- the dense baseline runs through the same engine (static cache, CUDA graphs, same modules), with the
+  faster of the two dense kernels measured on that configuration (flash-attention varlen with one
+  graph per 256-token bucket, or SDPA over the exact prefix with one graph per step); the spotlight
+  rows use that same kernel for their dense layers;
+- bytes floor per step: the weights read (every parameter except the embedding table, of which B rows)
+  + the dense layers' K/V + for sparse layers the key codes, the selected K/V rows, the indices
+  (written once, read once) and the hash weights, over the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from spotlight_attn.config import SpotlightConfig
+from spotlight_attn.engine.dense import DenseKernel, flash_varlen_available
+from spotlight_attn.engine.engine import DecodeEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A Llama-architecture geometry (public model configs)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float
+    tied: bool = False
+
+    def config(self, max_positions: int):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.q_heads, num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim, rope_theta=self.rope_theta, max_position_embeddings=max_positions,
+            tie_word_embeddings=self.tied,
+        )
+
+
+SHAPES = {
+    "llama3-8b": Shape(128256, 4096, 14336, 32, 32, 8, 128, 500000.0),
+    "smollm2-135m": Shape(49152, 576, 1536, 30, 9, 3, 64, 100000.0, tied=True),
+}
+
+
+@dataclass(slots=True)
+class DecodeRow:
+    shape: str
+    context: int
+    batch: int
+    method: str  # "dense" or e.g. "linear-128 2%"
+    ms_per_step: float
+    tokens_per_s: float
+    x_dense: float  # tokens/s over the dense row's, same shape/context/batch
+    floor_bytes: int  # bytes a step must move
+    floor_ms: float
+    x_floor: float  # measured / floor
+    peak_gib: float  # torch.cuda.max_memory_allocated during this row
+    kv_gib: float
+    codes_gib: float
+    dense_kernel: str
+    parts_us: dict = field(default_factory=dict)  # per-layer component timings (GPU graph medians)
+
+    def line(self) -> str:
+        return (
+            f"{self.shape:13s} {_ctx(self.context):>5s} {self.batch:3d} {self.method:22s} {self.ms_per_step:9.3f}"
+            f" {self.tokens_per_s:9.1f} {self.x_dense:6.2f} {self.floor_ms:8.3f} {self.x_floor:6.2f}"
+            f" {self.peak_gib:7.1f} {self.kv_gib:7.2f} {self.codes_gib:6.2f} {self.dense_kernel}"
+        )
+
+
+HEADER = (
+    f"{'shape':13s} {'ctx':>5s} {'B':>3s} {'method':22s} {'ms/step':>9s} {'tok/s':>9s} {'xdense':>6s}"
+    f" {'floorms':>8s} {'xfloor':>6s} {'peakGiB':>7s} {'kvGiB':>7s} {'codeGiB':>6s} dense-kernel"
+)
+
+
+def _ctx(t: int) -> str:
+    return f"{t >> 10}K" if t % 1024 == 0 else str(t)
+
+
+def build_model(shape: Shape, max_positions: int, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """A random-weight LlamaForCausalLM of this shape, built directly on the device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape.config(max_positions), dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def weights_read_bytes(model, batch: int) -> int:
+    """Bytes of weights one decode step reads: every parameter once, but only `batch` rows of an
+    embedding table that is not also the output head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    if embed is model.get_output_embeddings().weight:
+        return total
+    return total - embed.numel() * embed.element_size() + batch * embed.shape[1] * embed.element_size()
+
+
+def step_floor_bytes(engine: DecodeEngine, lengths: list[int]) -> int:
+    """Bytes a decode step must move at these row lengths (the new token included)."""
+    g, elem = engine.geometry, engine.dtype.itemsize
+    nbytes = weights_read_bytes(engine.model, len(lengths))
+    per_token_kv = 2 * g.num_kv_heads * g.head_dim * elem
+    for i in range(g.num_layers):
+        if i not in engine.sparse_layers:
+            nbytes += sum(lengths) * per_token_kv
+            continue
+        k = [engine.budget.tokens_for(n) for n in lengths]
+        nbytes += sum(lengths) * g.num_kv_heads * engine.hasher.words * 4  # key codes
+        nbytes += sum(k) * per_token_kv + 2 * len(lengths) * g.num_kv_heads * max(k) * 8  # selected rows, indices
+    if engine.hasher is not None:
+        nbytes += engine.memory()["hasher"]
+    return nbytes
+
+
+def _fits(nbytes: int, device: torch.device, headroom: int = 3 << 30) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes + headroom < free
+
+
+def _time_steps(engine: DecodeEngine, warmup: int, steps: int) -> list[float]:
+    """ms per step for `steps` greedy steps after `warmup` ones; captures are outside the timings."""
+    ids = torch.full((engine.cache.batch,), 7, dtype=torch.long, device=engine.device)
+    times = []
+    for i in range(warmup + steps):
+        engine.prepare()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        ids = engine.step(ids).argmax(-1)
+        end.record()
+        if i >= warmup:
+            times.append((start, end))
+    torch.cuda.synchronize(engine.device)
+    return [s.elapsed_time(e) for s, e in times]
+
+
+def _layer_parts(engine: DecodeEngine, layer: int, view: int, dense_kernels: list[DenseKernel]) -> dict:
+    """Per-layer GPU time (graph medians, µs) of the step's attention pieces on the engine's own cache."""
+    from spotlight_attn.bench import _median_graph_us
+    from spotlight_attn.engine.dense import DenseAttention
+    from spotlight_attn.kernels.score_select import plan_from_lengths, score_select
+    from spotlight_attn.kernels.sparse_decode import sparse_decode
+
+    g, cache = engine.geometry, engine.cache
+    b = cache.batch
+    lengths = cache.lengths.clone()
+    q = torch.randn(b, g.num_q_heads, 1, g.head_dim, device=engine.device, dtype=engine.dtype)
+    parts = {}
+    keys, values = cache.keys[layer], cache.values[layer]
+    for kernel in dense_kernels:
+        dense = DenseAttention(kernel, b, cache.max_tokens, engine.device, engine.dtype)
+        exact = int(lengths.max())
+        parts[f"dense:{kernel.value}"] = _median_graph_us([lambda: dense(q, keys, values, lengths, exact if kernel is DenseKernel.SDPA else view, 0.1)])
+    sparse = sorted(engine.sparse_layers)
+    if sparse:
+        i = sparse[len(sparse) // 2]
+        plan = plan_from_lengths(lengths, engine.budget, engine.budget.tokens_for(view))
+        q_codes = engine.hasher.query_codes(i, q)
+        codes = cache.codes[i][:, :, :view]
+        valid = torch.ones(b, view, dtype=torch.bool, device=engine.device)
+        parts["score_select"] = _median_graph_us([lambda: score_select(q_codes, codes, valid, engine.budget, engine.hasher.bits, plan=plan)])
+        idx = score_select(q_codes, codes, valid, engine.budget, engine.hasher.bits, plan=plan)
+        kt, vt = cache.keys[i].transpose(1, 2), cache.values[i].transpose(1, 2)
+        parts["sparse_decode"] = _median_graph_us([lambda: sparse_decode(q, kt, vt, idx, 0.1)])
+        parts["hash_q+k"] = _median_graph_us([lambda: (engine.hasher.query_codes(i, q), engine.hasher.key_codes(i, kt[:, :, :1]))])
+    return parts
+
+
+def run_decode_bench(
+    shapes: list[str],
+    contexts: list[int],
+    batches: list[int],
+    budgets: list[float | int],
+    *,
+    hashers: tuple[str, ...] = ("linear",),
+    bits: int = 128,
+    steps: int = 32,
+    warmup: int = 4,
+    dense_kernel: str = "auto",
+    dense_layers: tuple[int, ...] = (0, 1),
+    compile: bool = False,
+    bandwidth: float | None = None,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[DecodeRow]:
+    """Decode throughput table (see the module docstring). hashers: 'linear' (SimHash) and/or 'mlp'
+    (an untrained MLPHasher of the shipped shape: 2 residual blocks of width 128; speed only)."""
+    from spotlight_attn.bench import copy_bandwidth, require_cuda
+    from spotlight_attn.config import HasherConfig
+    from spotlight_attn.hashing.hasher import MLPHasher
+    from spotlight_attn.models import ModelGeometry
+
+    log = log or logger.info
+    device = require_cuda(device)
+    bandwidth = bandwidth or copy_bandwidth(device)
+    log(
+        f"# decode: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, copy bandwidth "
+        f"{bandwidth / 1e9:.0f} GB/s; random-weight models (decode speed does not depend on weight values); "
+        f"cache filled with random K/V + their real hash codes instead of a prefill; median of {steps} steps "
+        f"after {warmup}; dense layers of sparse rows: {list(dense_layers)}; compile={compile}"
+    )
+    rows: list[DecodeRow] = []
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        model = build_model(shape, max(contexts) + steps + warmup + 1024, device)
+        geometry = ModelGeometry.from_model(model)
+        kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
+        code_token = (shape.layers - len(dense_layers)) * shape.kv_heads * bits // 8
+        log(
+            f"# {shape_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters; per cached token "
+            f"K/V {kv_token} B, codes {code_token} B ({bits}-bit, {shape.layers - len(dense_layers)} sparse layers) = "
+            f"{code_token / kv_token:.1%} of K/V; per head-token {bits // 8} B vs {2 * shape.head_dim * 2} B "
+            f"= {bits // 8 / (2 * shape.head_dim * 2):.1%}"
+        )
+        log(HEADER)
+        for context in contexts:
+            for batch in batches:
+                max_tokens = context + warmup + steps + 1
+                kv_bytes = batch * max_tokens * kv_token
+                if not _fits(kv_bytes + batch * max_tokens * code_token, device):
+                    log(f"{shape_name:13s} {_ctx(context):>5s} {batch:3d} skipped: K/V cache {kv_bytes / 2**30:.1f} GiB "
+                        f"+ weights do not fit in {torch.cuda.mem_get_info(device)[1] / 2**30:.0f} GiB")
+                    continue
+                rows.extend(_one_config(
+                    model, geometry, shape_name, context, batch, budgets, hashers, bits, steps, warmup, dense_kernel,
+                    dense_layers, compile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher,
+                ))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _one_config(model, geometry, shape_name, context, batch, budgets, hashers, bits, steps, warmup, dense_kernel,
+                dense_layers, compile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher) -> list[DecodeRow]:
+    lengths = [context] * batch
+    mid = [context + warmup + steps // 2] * batch  # floor at the middle timed step
+
+    def measure(config, hasher, label, kernel, parts_kernels=()):
+        torch.cuda.reset_peak_memory_stats(device)
+        bucket = 1 if kernel is DenseKernel.SDPA else 256
+        engine = DecodeEngine(model, hasher, config, max_batch=batch, max_tokens=max_tokens, dense_kernel=kernel,
+                              bucket=bucket, compile=compile, max_graphs=2)
+        engine.fill_random(lengths)
+        parts = {}
+        if parts_kernels is not None:
+            parts = _layer_parts(engine, len(dense_layers) if engine.sparse_layers else 0,
+                                 engine.view_for(context + 1), list(parts_kernels))
+        times = _time_steps(engine, warmup, steps)
+        ms = statistics.median(times)
+        nbytes = step_floor_bytes(engine, mid)
+        floor_ms = nbytes / bandwidth * 1e3
+        mem = engine.memory()
+        row = DecodeRow(shape_name, context, batch, label, ms, batch / ms * 1e3, float("nan"), nbytes, floor_ms,
+                        ms / floor_ms, torch.cuda.max_memory_allocated(device) / 2**30, mem["kv"] / 2**30,
+                        mem["codes"] / 2**30, kernel.value, parts)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        return row
+
+    out = []
+    candidates = [DenseKernel.SDPA] + ([DenseKernel.FLASH_VARLEN] if flash_varlen_available(device, model.dtype) else [])
+    if dense_kernel != "auto":
+        candidates = [DenseKernel(dense_kernel)]
+    dense = None
+    for kernel in candidates:  # the dense baseline with each dense kernel; the fastest is the baseline
+        row = measure(SpotlightConfig(method="dense"), None, "dense", kernel, candidates if kernel is candidates[0] else None)
+        log(row.line() + ("" if len(candidates) == 1 else "  (candidate)"))
+        if dense is None or row.ms_per_step < dense.ms_per_step:
+            dense = row
+        if dense.parts_us == {} and row.parts_us:
+            dense.parts_us = row.parts_us
+    kernel = DenseKernel(dense.dense_kernel)
+    dense.x_dense = 1.0
+    out.append(dense)
+    for budget in budgets:
+        for hasher_kind in hashers:
+            config = SpotlightConfig(
+                method="linear" if hasher_kind == "linear" else "spotlight", budget=budget, bits=bits, dense_layers=dense_layers
+            )
+            hasher = None
+            if hasher_kind == "mlp":
+                sparse = [i for i in range(geometry.num_layers) if i not in dense_layers]
+                hasher = MLPHasher(geometry, HasherConfig(bits=bits, depth=2, width=128), layers=sparse).to(device)
+            label = f"{hasher_kind}-{bits} {budget * 100:g}%" if isinstance(budget, float) else f"{hasher_kind}-{bits} {budget}"
+            row = measure(config, hasher, label, kernel, ())
+            row.x_dense = row.tokens_per_s / dense.tokens_per_s
+            log(row.line())
+            out.append(row)
+    for row in out:
+        if row.parts_us:
+            log("#   per-layer µs: " + ", ".join(f"{k} {v:.1f}" for k, v in row.parts_us.items()))
+    return out
+
+
+def rows_as_dicts(rows: list[DecodeRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def plot(rows: list[DecodeRow], path, title: str) -> None:
+    """Tokens/s per configuration, one bar per method (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys((r.shape, r.context, r.batch) for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(configs)), 4.2))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        xs, ys = [], []
+        for c, cfg in enumerate(configs):
+            match = [r for r in rows if (r.shape, r.context, r.batch) == cfg and r.method == method]
+            if match:
+                xs.append(c + (j - (len(methods) - 1) / 2) * width)
+                ys.append(match[0].tokens_per_s)
+        ax.bar(xs, ys, width, label=method)
+        if method != "dense":
+            ratios = [r.x_dense for cfg in configs for r in rows if (r.shape, r.context, r.batch) == cfg and r.method == method]
+            for x, y, ratio in zip(xs, ys, ratios):
+                ax.annotate(f"{ratio:.1f}x", (x, y), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels([f"{s}\n{_ctx(t)} B={b}" for s, t, b in configs], fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["SHAPES", "DecodeRow", "run_decode_bench", "plot", "rows_as_dicts", "build_model"]
