@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 FAMILIES = {
@@ -45,6 +49,31 @@ def tiny_model(family: str = "llama", q_heads: int = 4, kv_heads: int = 2, head_
 @pytest.fixture
 def make_tiny_model():
     return tiny_model
+
+
+SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3: the tiny model's pad, eos, bos
+WORDS = "the cat sat on a mat and dog ran to red blue house tree sun moon what is colour of".split()
+
+
+def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer of exactly `vocab_size` ids (fillers pad the vocab), with a chat template."""
+    names = SPECIALS + WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIALS) - len(WORDS))]
+    backend = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", q_heads=4, kv_heads=2, head_dim=16, layers=3)
+    model.save_pretrained(folder)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder
 
 
 def pytest_configure(config):

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from conftest import tiny_model
 from spotlight_attn.cli.main import main
@@ -18,32 +16,9 @@ from spotlight_attn.config import HasherConfig
 from spotlight_attn.hashing import MLPHasher, save_hasher
 from spotlight_attn.models import ModelGeometry
 
-SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3: the tiny model's pad, eos, bos
-WORDS = "the cat sat on a mat and dog ran to red blue house tree sun moon what is colour of".split()
 PROMPT = "the cat sat on the mat and the dog ran to the red house " * 4  # 56 words
 SUMMARY = re.compile(r"^\[spotlight\] prompt (\d+) tokens \| new (\d+) tokens .* read ([\d.]+)% of the cache", re.M)
 SPARSE = ["--budget", "0.25", "--min-tokens", "4", "--sink", "1", "--window", "2", "--dense-layers", "0", "--page-size", "4"]
-
-
-def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer of exactly `vocab_size` ids (fillers pad the vocab), with a chat template."""
-    names = SPECIALS + WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIALS) - len(WORDS))]
-    backend = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama", q_heads=4, kv_heads=2, head_dim=16, layers=3)
-    model.save_pretrained(folder)
-    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

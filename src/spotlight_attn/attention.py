@@ -94,8 +94,8 @@ def spotlight_attention(
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         return _teacher_forced_attention(installed, cache, cache.layers[layer_idx], query, key, value, scaling), None
     if dense:
-        if cache is not None and query.shape[2] == 1:
-            valid = cache.layers[layer_idx].key_valid.sum() * key.shape[1]
+        if cache is not None and (query.shape[2] == 1 or installed.teacher_forced_from is not None):
+            valid = _steps_valid(cache.layers[layer_idx].key_valid, query.shape[2], installed.teacher_forced_from) * key.shape[1]
             cache.read, cache.cached = cache.read + valid, cache.cached + valid
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -106,6 +106,16 @@ def spotlight_attention(
     cache.read = cache.read + (indices >= 0).sum()
     cache.cached = cache.cached + layer.key_valid.sum() * key.shape[1]
     return out.transpose(1, 2), None
+
+
+def _steps_valid(key_valid: torch.Tensor, new: int, start: int | None) -> torch.Tensor:
+    """Valid keys summed over the decode steps a call stands for: the last of `new` positions for a
+    decode step, every position >= start under teacher forcing (each sees its causal past)."""
+    t = key_valid.shape[1]
+    if new == 1:
+        return key_valid.sum()
+    seen = key_valid.cumsum(-1)[:, max(t - new, start) :]  # [B, steps]: valid keys up to each position
+    return seen.sum()
 
 
 def _teacher_forced_attention(installed, cache, layer, query, key, value, scaling: float, block: int = 128) -> torch.Tensor:

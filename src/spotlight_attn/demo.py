@@ -1,8 +1,7 @@
 """The offline needle demo: hide a passcode in a few thousand tokens of local prose, then ask for it.
 
-The filler is the prose of Python's own reference documentation (`pydoc_data.topics`, the text
-`help()` shows), which ships with every CPython installation, so the demo needs no download. Grammar
-rules and code samples (indented lines) are left out; a 135M-parameter model copes with the prose.
+The filler is the prose of Python's own reference documentation (tasks.filler_paragraphs), which
+ships with every CPython installation, so the demo needs no download.
 
     messages, answer = build_needle_prompt(tokenizer, context_tokens=3000, seed=0)
     result = generate_timed(model, tokenizer, encode_chat(tokenizer, messages), max_new_tokens=24)
@@ -13,7 +12,6 @@ The library never prints; `spotlight demo` (cli/main.py) runs this and prints th
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from dataclasses import dataclass
@@ -23,31 +21,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from spotlight_attn.attention import read_fraction
 from spotlight_attn.errors import SpotlightError
+from spotlight_attn.tasks import filler_paragraphs
 
 INTRO = "A secret passcode is hidden in the text below. Find it."
 NEEDLE = "The secret passcode is {code}. Remember it: the passcode is {code}."
 QUESTION = "What is the secret passcode?"
 SEPARATOR = "\n\n"
-
-
-@functools.lru_cache(maxsize=1)
-def filler_paragraphs() -> tuple[str, ...]:
-    """Prose paragraphs of the Python reference docs, in a fixed order (one line each, >= 12 words)."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise SpotlightError("the demo's filler text needs the standard library module pydoc_data") from None
-    paragraphs = []
-    for name in sorted(topics):
-        for block in topics[name].split("\n\n"):
-            lines = block.strip("\n").split("\n")
-            # Indented lines are grammar or code; a line of only '*', '=' or '-' underlines a heading.
-            if any(line.startswith(" ") for line in lines) or set(lines[-1]) <= set("*=-"):
-                continue
-            text = " ".join(line.strip() for line in lines)
-            if len(text.split()) >= 12 and "passcode" not in text.lower():
-                paragraphs.append(text)
-    return tuple(paragraphs)
 
 
 def build_needle_prompt(

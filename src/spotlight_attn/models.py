@@ -124,6 +124,20 @@ def smollm2_gguf_path() -> pathlib.Path:
     return path
 
 
+# Hashers that ship inside the package (src/spotlight_attn/assets), used when a model alias is given
+# and no --hasher. docs/TRAINING.md has the command that reproduces each one.
+SHIPPED_HASHERS = {SMOLLM2_ALIAS: "smollm2-135m.safetensors"}
+
+
+def shipped_hasher(spec: str | os.PathLike) -> pathlib.Path | None:
+    """The packaged hasher trained for a model alias, or None when there is none."""
+    name = SHIPPED_HASHERS.get(str(spec))
+    if name is None:
+        return None
+    path = pathlib.Path(__file__).parent / "assets" / name
+    return path if path.is_file() else None
+
+
 def default_cache_dir() -> pathlib.Path:
     """$SPOTLIGHT_CACHE_DIR, else $XDG_CACHE_HOME/spotlight-attn, else ~/.cache/spotlight-attn."""
     if os.environ.get("SPOTLIGHT_CACHE_DIR"):

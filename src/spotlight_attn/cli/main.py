@@ -3,6 +3,8 @@
     spotlight generate --model M [--hasher H] --method quest --budget 10% --prompt "..."
     spotlight demo [--method linear] [--budget 0.1] [--context-tokens 3000]
     spotlight train --model M --data D --out hasher.safetensors [--bits 128] [--steps 300]
+    spotlight eval retrieval|ppl|needle|fidelity [--methods dense,oracle,spotlight,...] [--budgets 0.1,0.02]
+    spotlight report results/ppl.json ...
 
 The completion goes to stdout and one summary line to stderr, so the text pipes cleanly.
 Bad input (a `SpotlightError`, or a file that cannot be read) ends with one line
@@ -22,6 +24,7 @@ import torch
 
 from spotlight_attn.config import Method, SpotlightConfig, parse_budget
 from spotlight_attn.errors import SpotlightError
+from spotlight_attn.models import shipped_hasher
 
 logger = logging.getLogger("spotlight_attn.cli")
 PROG = "spotlight"
@@ -39,7 +42,8 @@ def _config_args(parser: argparse.ArgumentParser, **defaults) -> None:
                         help="which keys a decode step reads (default: %(default)s)")
     parser.add_argument("--budget", default=str(shown["budget"]),
                         help="keys read per step: a fraction '0.1', a percentage '10%%', or a count '512' (default: %(default)s)")
-    parser.add_argument("--hasher", metavar="FILE", help="learned hasher (.safetensors) for --method spotlight")
+    parser.add_argument("--hasher", metavar="FILE",
+                        help="learned hasher (.safetensors) for --method spotlight (default: the one shipped for the model, if any)")
     for name, meta, text in [
         ("bits", "N", "SimHash bits for --method linear"),
         ("seed", "S", "SimHash projection seed for --method linear"),
@@ -91,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="(default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
 
-    from spotlight_attn.cli import train_cmd
+    from spotlight_attn.cli import eval_cmd, train_cmd
 
     train_cmd.add_parser(commands)
+    eval_cmd.add_parser(commands, parents=[verbose])
     return parser
 
 
@@ -110,10 +115,13 @@ def spotlight_config(args: argparse.Namespace) -> SpotlightConfig:
             raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
     config = SpotlightConfig(**kwargs)
     if config.method is Method.SPOTLIGHT and args.hasher is None:
-        raise SpotlightError(
-            "method 'spotlight' needs --hasher FILE (a learned hasher, see `spotlight train`); "
-            "methods that need none: dense, oracle, linear, quest, streaming"
-        )
+        shipped = shipped_hasher(args.model)
+        if shipped is None:
+            raise SpotlightError(
+                f"method 'spotlight' needs --hasher FILE (a learned hasher, see `spotlight train`): none ships for "
+                f"{args.model!r}; methods that need none: dense, oracle, linear, quest, streaming"
+            )
+        args.hasher = str(shipped)
     if args.hasher is not None and not Path(args.hasher).is_file():
         raise SpotlightError(f"hasher file not found: {args.hasher}")
     return config

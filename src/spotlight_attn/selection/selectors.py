@@ -24,6 +24,7 @@ import torch
 from spotlight_attn.cache import KeyHasher, SpotlightLayer
 from spotlight_attn.config import Budget, Method
 from spotlight_attn.errors import SpotlightError
+from spotlight_attn.kernels.pack import unpack_bits
 from spotlight_attn.kernels.score_select import hamming_scores, score_select
 from spotlight_attn.selection.topk import select_topk
 
@@ -93,11 +94,17 @@ class HashSelector(Selector):
         return (lambda keys: self.hasher.key_codes(layer_idx, keys)), None
 
     def scores_rows(self, query, layer, scaling, row_valid):
-        b, hq, s, _ = query.shape
         codes = self.hasher.query_codes(layer.layer_idx, query)  # [B, Hq, S, W]
-        rows = codes.transpose(1, 2).reshape(b * s, hq, 1, -1)  # each query row as its own batch row
-        keys = layer.codes[:, None].expand(-1, s, -1, -1, -1).flatten(0, 1)  # [B*S, Hkv, T, W], a view
-        return hamming_scores(rows, keys, self.hasher.bits).unflatten(0, (b, s)).transpose(1, 2)  # [B, Hkv, S, T]
+        if query.shape[2] == 1:  # a decode step: popcount of XOR, as the kernel does
+            return hamming_scores(codes, layer.codes, self.hasher.bits)[:, :, None]
+        # Many rows: agreeing bits of +-1 codes are (bits + q.k) / 2, so the group sum is one matmul,
+        # exact in float32 (every partial sum is an integer below 2**24).
+        bits, hkv = self.hasher.bits, layer.codes.shape[1]
+        q = unpack_bits(codes, bits).float() * 2 - 1  # [B, Hq, S, bits]
+        q = q.unflatten(1, (hkv, -1)).sum(2)  # [B, Hkv, S, bits]: the group's sum
+        k = unpack_bits(layer.codes, bits).float() * 2 - 1  # [B, Hkv, T, bits]
+        group = codes.shape[1] // hkv
+        return ((q @ k.transpose(-1, -2) + group * bits) / 2).round().to(torch.int32)  # [B, Hkv, S, T]
 
     def select(self, query, layer, budget, scaling):
         query_codes = self.hasher.query_codes(layer.layer_idx, query)  # [B, Hq, 1, W]

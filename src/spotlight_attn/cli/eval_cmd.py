@@ -1,0 +1,191 @@
+"""`spotlight eval retrieval|ppl|needle|fidelity` and `spotlight report`.
+
+    spotlight eval ppl --model smollm2-135m --methods dense,oracle,spotlight,linear1024 --budgets 0.1,0.02 --out results/ppl.json
+    spotlight eval needle --kinds passkey,single --lengths 4096,8192 --depths 0.1,0.5,0.9 --out results/needle.json
+    spotlight report results/ppl.json results/needle.json
+
+Each eval writes its results JSON, a markdown table beside it (same name, .md) and its plots (PNG,
+same stem), and prints the table. --limit caps the chunks / prompts / tasks for a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+DEFAULT_METHODS = "dense,oracle,spotlight,linear128,linear1024,quest,streaming"
+KINDS = ("retrieval", "ppl", "needle", "fidelity")
+
+
+def _ints(text: str) -> list[int]:
+    from spotlight_attn.errors import SpotlightError
+
+    try:
+        return [int(float(w[:-1]) * 1024) if w.lower().endswith("k") else int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise SpotlightError(f"{text!r} is not a comma-separated list of integers (4096 or 4K)") from None
+
+
+def _floats(text: str) -> list[float]:
+    from spotlight_attn.errors import SpotlightError
+
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise SpotlightError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def add_parser(subparsers, parents=()) -> None:
+    from spotlight_attn.cli.main import _model_args
+
+    evaluate = subparsers.add_parser("eval", help="evaluate methods side by side: retrieval, ppl, needle, fidelity",
+                                     description=__doc__.split("\n")[0])
+    kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, text in [
+        ("retrieval", "IoU and attention-mass recall vs the oracle, per layer and KV head"),
+        ("ppl", "perplexity of held-out text with retrieval active"),
+        ("needle", "passkey and RULER-style needle tasks, accuracy per length x depth"),
+        ("fidelity", "greedy answers vs the dense model's: exact match, token agreement, ROUGE-L"),
+    ]:
+        p = kinds.add_parser(kind, parents=list(parents), help=text, description=text)
+        _model_args(p, "smollm2-135m")
+        p.add_argument("--hasher", metavar="FILE", help="learned hasher for 'spotlight' (default: the one shipped for the model)")
+        p.add_argument("--methods", default=DEFAULT_METHODS,
+                       help="comma-separated: dense, oracle, streaming, spotlight[=FILE], linear<bits>, quest[:<page>] (default: %(default)s)")
+        p.add_argument("--budgets", default="0.1,0.02", help="comma-separated fractions ('0.1', '2%%') or counts (default: %(default)s)")
+        p.add_argument("--out", type=Path, default=Path(f"results/{kind}.json"), help="results JSON; .md and .png beside it (default: %(default)s)")
+        p.add_argument("--limit", type=int, metavar="N", help="at most N chunks / prompts / tasks, for a quick run")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, help="CPU threads for torch")
+        p.add_argument("--sink", type=int, help="first tokens always read (default: SpotlightConfig's)")
+        p.add_argument("--window", type=int, help="most recent tokens always read (default: SpotlightConfig's)")
+        p.add_argument("--min-tokens", type=int, help="fewest tokens a step reads (default: SpotlightConfig's)")
+        p.add_argument("--dense-layers", metavar="I,J", help="layers that always read every key (default: SpotlightConfig's)")
+        if kind in ("retrieval", "ppl", "fidelity"):
+            p.add_argument("--data", default="kjv", help="held-out split of this corpus (default: %(default)s; see `spotlight train --help`)")
+        if kind == "retrieval":
+            p.add_argument("--contexts", default="2048,4096", help="context lengths (default: %(default)s)")
+            p.add_argument("--chunks", type=int, default=2, help="held-out chunks per context (default: %(default)s)")
+            p.add_argument("--steps", type=int, default=16, help="decode steps measured per chunk (default: %(default)s)")
+        if kind == "ppl":
+            p.add_argument("--length", default="4096", help="tokens per held-out chunk (default: %(default)s)")
+            p.add_argument("--prefix", type=int, default=1024, help="tokens prefilled before retrieval starts (default: %(default)s)")
+            p.add_argument("--chunks", type=int, default=4, help="held-out chunks (default: %(default)s)")
+            p.add_argument("--mode", choices=("fast", "decode"), default="fast",
+                           help="fast: one teacher-forced pass; decode: token by token (same numbers, slower) (default: %(default)s)")
+        if kind == "needle":
+            p.add_argument("--kinds", default="passkey,single", help="passkey, single, multikey, multivalue, multiquery (default: %(default)s)")
+            p.add_argument("--lengths", default="4096,8000", help="prompt lengths in tokens, e.g. 1K,4K (default: %(default)s)")
+            p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths 0..1 (default: %(default)s)")
+            p.add_argument("--seeds", default="0,1", help="task seeds (default: %(default)s)")
+            p.add_argument("--max-new-tokens", type=int, default=24, help="(default: %(default)s)")
+        if kind == "fidelity":
+            p.add_argument("--length", default="2048", help="passage tokens (default: %(default)s)")
+            p.add_argument("--prompts", type=int, default=8, help="prompts (default: %(default)s)")
+            p.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
+        p.set_defaults(run=run_eval)
+
+    report = subparsers.add_parser("report", parents=list(parents), help="results files -> markdown tables and plots",
+                                   description="Print each results file's markdown table and draw its plots.")
+    report.add_argument("files", nargs="+", type=Path, metavar="RESULTS.json")
+    report.add_argument("--out", type=Path, help="folder for the plots (default: beside each file)")
+    report.set_defaults(run=run_report)
+
+
+def _base_config(args):
+    from spotlight_attn.config import SpotlightConfig
+    from spotlight_attn.errors import SpotlightError
+
+    kwargs = {name: getattr(args, name) for name in ("sink", "window", "min_tokens") if getattr(args, name) is not None}
+    if args.dense_layers is not None:
+        try:
+            kwargs["dense_layers"] = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
+        except ValueError:
+            raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
+    return SpotlightConfig(**kwargs)
+
+
+def _limit(n: int, args) -> int:
+    return n if args.limit is None else max(1, min(n, args.limit))
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from spotlight_attn.cli.main import DTYPES
+    from spotlight_attn.errors import SpotlightError
+    from spotlight_attn.eval import common, report
+    from spotlight_attn.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = common.parse_methods(args.methods, args.hasher)
+    budgets = common.parse_budgets(args.budgets)
+    base = _base_config(args)
+    if args.out.suffix != ".json":
+        raise SpotlightError(f"--out must name a .json file, got {args.out}")
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    methods = common.Methods(model, args.model, base)
+    for spec in specs:
+        if spec.method.value == "spotlight":
+            methods.hasher_path(spec)  # fail now, not after an hour of other methods
+    limit_positions = getattr(model.config, "max_position_embeddings", None)
+    started = time.perf_counter()
+
+    def fits(n: int, what: str) -> int:
+        if limit_positions is not None and n > limit_positions:
+            raise SpotlightError(f"{what} {n} exceeds the model's context of {limit_positions} tokens")
+        return n
+
+    if args.kind == "retrieval":
+        from spotlight_attn.data import load_chunks
+        from spotlight_attn.eval.retrieval import evaluate_retrieval
+
+        contexts = _ints(args.contexts)
+        chunks = {c: load_chunks(args.data, tokenizer, fits(c + args.steps, "context + steps"), _limit(args.chunks, args), split="heldout", seed=args.seed)
+                  for c in contexts}
+        results = evaluate_retrieval(model, methods, specs, budgets, chunks, args.steps, data=args.data, seed=args.seed)
+    elif args.kind == "ppl":
+        from spotlight_attn.data import load_chunks
+        from spotlight_attn.eval.ppl import evaluate_ppl
+
+        length = fits(_ints(args.length)[0], "--length")
+        chunks = load_chunks(args.data, tokenizer, length, _limit(args.chunks, args), split="heldout", seed=args.seed)
+        results = evaluate_ppl(model, methods, specs, budgets, chunks, args.prefix, args.mode, data=args.data, seed=args.seed)
+    elif args.kind == "needle":
+        from spotlight_attn.eval.needle import evaluate_needle
+
+        lengths = [fits(n, "needle length") for n in _ints(args.lengths)]
+        seeds = _ints(args.seeds)
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        depths = _floats(args.depths)
+        if args.limit is not None:  # the fewest tasks that still cover each kind and length
+            depths, seeds = depths[: max(1, args.limit)], seeds[:1]
+        results = evaluate_needle(model, tokenizer, methods, specs, budgets, kinds, lengths, depths, seeds, args.max_new_tokens)
+    else:
+        from spotlight_attn.data import load_chunks
+        from spotlight_attn.eval.fidelity import evaluate_fidelity
+
+        length = fits(_ints(args.length)[0], "--length")
+        chunks = load_chunks(args.data, tokenizer, length, _limit(args.prompts, args), split="heldout", seed=args.seed)
+        passages = [tokenizer.decode(chunk, skip_special_tokens=True) for chunk in chunks]
+        results = evaluate_fidelity(model, tokenizer, methods, specs, budgets, passages, args.max_new_tokens, data=args.data, seed=args.seed)
+        results["meta"]["settings"]["passage_tokens"] = length
+
+    results["meta"]["seconds"] = time.perf_counter() - started
+    path = common.write_results(results, args.out)
+    plots = report.plot(results, path.parent, path.stem)
+    print(report.markdown(results))
+    print(f"\nwrote {path}, {path.with_suffix('.md')}, " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+def run_report(args) -> int:
+    from spotlight_attn.eval import common, report
+
+    for path in args.files:
+        results = common.read_results(path)
+        plots = report.plot(results, args.out or path.parent, path.stem)
+        print(f"## {results['kind']}: {path}\n\n{report.markdown(results)}\n\nplots: " + ", ".join(str(p) for p in plots) + "\n")
+    return 0
