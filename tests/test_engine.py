@@ -133,7 +133,7 @@ def test_refusals(make_tiny_model):
     with pytest.raises(SpotlightError, match="prefill"):
         engine.step(torch.tensor([3]))
     with pytest.raises(SpotlightError, match="max_tokens"):
-        engine.prefill(torch.ones(1, 8, dtype=torch.long))
+        engine.prefill(torch.ones(1, 64, dtype=torch.long))  # max_tokens rounds up to 64: no room for a new token
     enable(model, None, SpotlightConfig(method="linear"))
     with pytest.raises(SpotlightError, match="disable"):
         DecodeEngine(model, None, SpotlightConfig(method="dense"), max_batch=1, max_tokens=8)

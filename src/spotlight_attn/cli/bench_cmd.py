@@ -93,6 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="dense attention kernel; auto measures flash-varlen and exact-length SDPA and keeps the faster (default: %(default)s)")
     dec.add_argument("--dense-layers", default="0,1", help="layers the sparse rows keep dense, '' for none (default: %(default)s)")
     dec.add_argument("--compile", action="store_true", help="torch.compile the per-layer dense math (fused norms, RoPE)")
+    dec.add_argument("--profile", action="store_true", help="also print GPU time per kernel of a few eager steps (torch profiler)")
     dec.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     dec.add_argument("--plot", type=Path, metavar="PNG", help="also draw tokens/s per configuration (needs matplotlib)")
     dec.set_defaults(run=run_decode)
@@ -142,7 +143,7 @@ def run_decode(args) -> int:
     require_cuda()
     rows = run_decode_bench(
         shapes, contexts, batches, budgets, hashers=hashers, bits=args.bits, steps=args.steps, warmup=args.warmup,
-        dense_kernel=args.dense_kernel, dense_layers=dense_layers, compile=args.compile,
+        dense_kernel=args.dense_kernel, dense_layers=dense_layers, compile=args.compile, profile=args.profile,
         log=lambda line: print(line, flush=True),
     )
     _write_json(args.json, rows_as_dicts(rows))

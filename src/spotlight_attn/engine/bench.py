@@ -84,14 +84,14 @@ class DecodeRow:
     def line(self) -> str:
         return (
             f"{self.shape:13s} {_ctx(self.context):>5s} {self.batch:3d} {self.method:22s} {self.ms_per_step:9.3f}"
-            f" {self.tokens_per_s:9.1f} {self.x_dense:6.2f} {self.floor_ms:8.3f} {self.x_floor:6.2f}"
+            f" {self.tokens_per_s:9.1f} {self.x_dense:6.2f} {self.floor_ms:8.3f} {self.x_floor:6.2f} {100 / self.x_floor:4.0f}%"
             f" {self.peak_gib:7.1f} {self.kv_gib:7.2f} {self.codes_gib:6.2f} {self.dense_kernel}"
         )
 
 
 HEADER = (
     f"{'shape':13s} {'ctx':>5s} {'B':>3s} {'method':22s} {'ms/step':>9s} {'tok/s':>9s} {'xdense':>6s}"
-    f" {'floorms':>8s} {'xfloor':>6s} {'peakGiB':>7s} {'kvGiB':>7s} {'codeGiB':>6s} dense-kernel"
+    f" {'floorms':>8s} {'xfloor':>6s} {'ach':>5s} {'peakGiB':>7s} {'kvGiB':>7s} {'codeGiB':>6s} dense-kernel"
 )
 
 
@@ -156,6 +156,29 @@ def _time_steps(engine: DecodeEngine, warmup: int, steps: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in times]
 
 
+def _profile(engine: DecodeEngine, steps: int = 3, top: int = 14) -> list[str]:
+    """GPU time per step by kernel (torch profiler over eager steps: the same kernels a graph replays,
+    without its launch gaps), the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.full((engine.cache.batch,), 7, dtype=torch.long, device=engine.device)
+    graphs, engine.graphs = engine.graphs, False
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                ids = engine.step(ids).argmax(-1)
+            torch.cuda.synchronize(engine.device)
+    finally:
+        engine.graphs = graphs
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / steps
+    lines = [f"kernels total {total / 1e3:.3f} ms/step (sum of GPU kernel times, no launch gaps)"]
+    for e in events[:top]:
+        lines.append(f"{e.device_time_total / steps:9.1f} us/step {e.count / steps:6.0f}/step  {e.key[:90]}")
+    return lines
+
+
 def _layer_parts(engine: DecodeEngine, layer: int, view: int, dense_kernels: list[DenseKernel]) -> dict:
     """Per-layer GPU time (graph medians, µs) of the step's attention pieces on the engine's own cache."""
     from spotlight_attn.bench import _median_graph_us
@@ -201,6 +224,7 @@ def run_decode_bench(
     dense_kernel: str = "auto",
     dense_layers: tuple[int, ...] = (0, 1),
     compile: bool = False,
+    profile: bool = False,
     bandwidth: float | None = None,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = None,
@@ -237,7 +261,7 @@ def run_decode_bench(
         log(HEADER)
         for context in contexts:
             for batch in batches:
-                max_tokens = context + warmup + steps + 1
+                max_tokens = context + warmup + steps + 8  # + the profile's eager steps
                 kv_bytes = batch * max_tokens * kv_token
                 if not _fits(kv_bytes + batch * max_tokens * code_token, device):
                     log(f"{shape_name:13s} {_ctx(context):>5s} {batch:3d} skipped: K/V cache {kv_bytes / 2**30:.1f} GiB "
@@ -245,7 +269,7 @@ def run_decode_bench(
                     continue
                 rows.extend(_one_config(
                     model, geometry, shape_name, context, batch, budgets, hashers, bits, steps, warmup, dense_kernel,
-                    dense_layers, compile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher,
+                    dense_layers, compile, profile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher,
                 ))
         del model
         gc.collect()
@@ -254,7 +278,7 @@ def run_decode_bench(
 
 
 def _one_config(model, geometry, shape_name, context, batch, budgets, hashers, bits, steps, warmup, dense_kernel,
-                dense_layers, compile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher) -> list[DecodeRow]:
+                dense_layers, compile, profile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher) -> list[DecodeRow]:
     lengths = [context] * batch
     mid = [context + warmup + steps // 2] * batch  # floor at the middle timed step
 
@@ -269,6 +293,9 @@ def _one_config(model, geometry, shape_name, context, batch, budgets, hashers, b
             parts = _layer_parts(engine, len(dense_layers) if engine.sparse_layers else 0,
                                  engine.view_for(context + 1), list(parts_kernels))
         times = _time_steps(engine, warmup, steps)
+        if profile and kernel is not DenseKernel.SDPA:
+            for text in _profile(engine):
+                log(f"#   profile {label}: {text}")
         ms = statistics.median(times)
         nbytes = step_floor_bytes(engine, mid)
         floor_ms = nbytes / bandwidth * 1e3
@@ -285,16 +312,21 @@ def _one_config(model, geometry, shape_name, context, batch, budgets, hashers, b
     candidates = [DenseKernel.SDPA] + ([DenseKernel.FLASH_VARLEN] if flash_varlen_available(device, model.dtype) else [])
     if dense_kernel != "auto":
         candidates = [DenseKernel(dense_kernel)]
-    dense = None
+    dense, parts = None, {}
     for kernel in candidates:  # the dense baseline with each dense kernel; the fastest is the baseline
-        row = measure(SpotlightConfig(method="dense"), None, "dense", kernel, candidates if kernel is candidates[0] else None)
+        try:
+            row = measure(SpotlightConfig(method="dense"), None, "dense", kernel, candidates if kernel is candidates[0] else None)
+        except RuntimeError as err:  # a dense kernel this torch build cannot run: say so, keep the others
+            log(f"# dense kernel {kernel.value} failed on {shape_name} {_ctx(context)} B={batch}: {str(err).splitlines()[0]}")
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         log(row.line() + ("" if len(candidates) == 1 else "  (candidate)"))
         if dense is None or row.ms_per_step < dense.ms_per_step:
             dense = row
-        if dense.parts_us == {} and row.parts_us:
-            dense.parts_us = row.parts_us
+        parts = parts or row.parts_us
     kernel = DenseKernel(dense.dense_kernel)
-    dense.x_dense = 1.0
+    dense.x_dense, dense.parts_us = 1.0, parts
     out.append(dense)
     for budget in budgets:
         for hasher_kind in hashers:

@@ -63,12 +63,21 @@ def attention_output(layer, hidden, attn_out):
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-def hashed_codes(bank, x, folded_heads: int | None = None):
-    """x [B, n, S, D] through a hash bank -> packed codes [B, n, S, W] int32 (pure torch, compiles)."""
-    if folded_heads is not None:  # shared placement: a KV head's G queries go through its key hash
-        b, hq, s, d = x.shape
-        return pack_signs_reference(bank(x.reshape(b, folded_heads, (hq // folded_heads) * s, d))).reshape(b, hq, s, -1)
-    return pack_signs_reference(bank(x))
+def hashed_attention_inputs(layer, key_bank, query_bank, hidden, cos, sin):
+    """attention_inputs + the codes of the new key [B, Hkv, 1, W] and of the query [B, Hq, 1, W].
+
+    The same hashing as the hasher's key_codes / query_codes (query_bank None: shared placement, a KV
+    head's G queries go through its key hash), in pure torch so that torch.compile fuses the packing.
+    """
+    q, k, v = attention_inputs(layer, hidden, cos, sin)
+    key_codes = pack_signs_reference(key_bank(k))
+    if query_bank is None:
+        b, hq, s, d = q.shape
+        hkv = k.shape[1]
+        query_codes = pack_signs_reference(key_bank(q.reshape(b, hkv, (hq // hkv) * s, d))).reshape(b, hq, s, -1)
+    else:
+        query_codes = pack_signs_reference(query_bank(q))
+    return q, k, v, query_codes, key_codes
 
 
 def _check_model(model) -> tuple:
@@ -143,6 +152,9 @@ class DecodeEngine:
             raise SpotlightError("CUDA graphs need the model on a CUDA device")
         g = self.geometry
         words = self.hasher.words if self.hasher is not None else 1
+        # Rounded up to 64 tokens, so that every head's rows of codes start 16-byte aligned (the
+        # kernels' vector loads need the compiler to see that from the strides).
+        max_tokens = -(-max_tokens // 64) * 64
         self.cache = StaticCache.allocate(
             g.num_layers, max_batch, max_tokens, g.num_kv_heads, g.head_dim, words, self.sparse_layers, self.dtype, self.device
         )
@@ -156,10 +168,12 @@ class DecodeEngine:
         self._host_lengths = [0] * max_batch  # mirrors cache.lengths, so no step reads the device
         self._graphs: OrderedDict[int, torch.cuda.CUDAGraph] = OrderedDict()
         self._pool = None
-        self._inputs, self._outputs = attention_inputs, attention_output
+        self._inputs, self._outputs, self._hashed_inputs = attention_inputs, attention_output, None
         if compile:
             self._inputs = torch.compile(attention_inputs, dynamic=False, fullgraph=True)
             self._outputs = torch.compile(attention_output, dynamic=False, fullgraph=True)
+            if self.hasher is not None:
+                self._hashed_inputs = torch.compile(hashed_attention_inputs, dynamic=False, fullgraph=True)
 
     # ---- filling the cache -------------------------------------------------------------------------
 
@@ -232,15 +246,20 @@ class DecodeEngine:
             valid = self.dense.positions[:view][None, :] < new_lengths[:, None]  # [B, view]; the reference reads it
         rows = self._rows
         for i, layer in enumerate(self.decoder.layers):
-            q, k, v = self._inputs(layer, hidden, cos, sin)  # [B, Hq, 1, D], [B, Hkv, 1, D] x 2
+            sparse = i in self.sparse_layers
+            if sparse and self._hashed_inputs is not None:
+                q, k, v, query_codes, key_codes = self._hashed_inputs(layer, *self._banks(i), hidden, cos, sin)
+            else:
+                q, k, v = self._inputs(layer, hidden, cos, sin)  # [B, Hq, 1, D], [B, Hkv, 1, D] x 2
+                if sparse:
+                    query_codes, key_codes = self.hasher.query_codes(i, q), self.hasher.key_codes(i, k)  # [B, H, 1, W]
             keys, values = cache.keys[i], cache.values[i]  # [B, T_max, Hkv, D]
             keys[rows, positions] = k[:, :, 0]
             values[rows, positions] = v[:, :, 0]
             scaling = layer.self_attn.scaling
-            if i in self.sparse_layers:
+            if sparse:
                 codes = cache.codes[i]  # [B, Hkv, T_max, W]
-                codes[rows, :, positions] = self.hasher.key_codes(i, k)[:, :, 0]
-                query_codes = self.hasher.query_codes(i, q)  # [B, Hq, 1, W]
+                codes[rows, :, positions] = key_codes[:, :, 0]
                 indices = score_select(
                     query_codes, codes[:, :, :view], valid, budget, self.hasher.bits, plan=plan,
                     use_kernel=self.use_kernel, force_reference=self.force_reference,
@@ -254,6 +273,11 @@ class DecodeEngine:
             hidden = self._outputs(layer, hidden, out)
         cache.lengths.copy_(new_lengths)
         self._logits.copy_(self.head(self.decoder.norm(hidden))[:, 0])
+
+    def _banks(self, layer: int):
+        """(key hash module, query hash module or None for shared placement) of a sparse layer."""
+        banks = self.hasher.banks
+        return banks[f"k{layer}"], banks[f"q{layer}"] if f"q{layer}" in banks else None
 
     @torch.no_grad()
     def prepare(self) -> None:

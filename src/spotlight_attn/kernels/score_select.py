@@ -153,7 +153,7 @@ def _load_codes(row_ptr, t, lo, hi, word, W: tl.constexpr, W_PAD: tl.constexpr):
 def _score_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh,
-    num_kv_heads, T, bits, sink, window, n_chunks, chunk_blocks,
+    num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr,
@@ -193,7 +193,7 @@ def _score_kernel(
     plane4 = _sum(tl.where((e & 16) != 0, one_at, 0), axis=1)
 
     row_off = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    score_row = score_ptr + row.to(tl.int64) * T
+    score_row = score_ptr + row.to(tl.int64) * score_stride
     hist = tl.full([NBC], 0, tl.int32)
     n_forced = tl.full([BT], 0, tl.int32)
     t0 = chunk * chunk_blocks * BT
@@ -259,7 +259,7 @@ def _score_kernel(
 @_triton.kernel
 def _refine_kernel(
     score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, counter_ptr,
-    T, n_chunks, chunk_tokens,
+    T, score_stride, n_chunks, chunk_tokens,
     SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
     FORCED: tl.constexpr,
 ):
@@ -274,7 +274,7 @@ def _refine_kernel(
     need = tl.load(state_ptr + row * 4 + 1)
     fine_bins = tl.arange(0, FB)
     fine = tl.full([FB], 0, tl.int32)
-    score_row = score_ptr + row.to(tl.int64) * T
+    score_row = score_ptr + row.to(tl.int64) * score_stride
     t0 = chunk * chunk_tokens
     stop = tl.minimum(t0 + chunk_tokens, T)
     lo = bucket << SHIFT  # the bucket's scores are [lo, hi); padding (-1) and FORCED fall outside
@@ -344,7 +344,7 @@ def _refine_kernel(
 @_triton.kernel
 def _emit_kernel(
     score_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr,
-    num_kv_heads, T, k, chunk_tokens, n_chunks,
+    num_kv_heads, T, score_stride, k, chunk_tokens, n_chunks,
     BT: tl.constexpr, FORCED: tl.constexpr,
 ):
     """Pass 3 for chunk program_id(0) of row program_id(1): out[row, :] gets the chunk's picked positions
@@ -354,7 +354,7 @@ def _emit_kernel(
     threshold = tl.load(state_ptr + row * 4 + 2)
     offset = tl.load(emit_ptr + (row * n_chunks + chunk) * 2)
     skip = tl.load(emit_ptr + (row * n_chunks + chunk) * 2 + 1)  # the chunk's first `skip` ties stay out
-    score_row = score_ptr + row.to(tl.int64) * T
+    score_row = score_ptr + row.to(tl.int64) * score_stride
     out_row = out_ptr + row.to(tl.int64) * k
     ties_seen = tl.full([], 0, tl.int32)
     t0 = chunk * chunk_tokens
@@ -437,7 +437,10 @@ def _score_select_triton(
     maxc = next_pow2(chunks)
 
     i32 = dict(dtype=torch.int32, device=device)
-    scores = torch.empty(rows, t, dtype=torch.int16, device=device)
+    # Rows of the int16 score buffer start on 128-byte boundaries whatever T is: with an odd T the
+    # compiler could not prove alignment and fell back to 2-byte stores and loads (2x slower, measured).
+    t_stride = cdiv(t, 64) * 64
+    scores = torch.empty(rows, t_stride, dtype=torch.int16, device=device)
     hist = torch.empty(rows, chunks, COARSE_BINS, **i32)
     forced = torch.empty(rows, chunks, **i32)
     base = torch.empty(rows, chunks, **i32)
@@ -450,7 +453,7 @@ def _score_select_triton(
     _score_kernel[grid](
         query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
         query_codes.stride(0), query_codes.stride(1), key_codes.stride(0), key_codes.stride(1),
-        hkv, t, bits, budget.sink, budget.window, chunks, chunk_blocks,
+        hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks,
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=COARSE_BINS, MAXC=maxc, BT=bt,
         HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch,
@@ -459,11 +462,11 @@ def _score_select_triton(
     bt_refine = min(bt_emit, 2048)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
     _refine_kernel[grid](
-        scores, fine, base, state, emit, counters, t, chunks, chunk_tokens,
+        scores, fine, base, state, emit, counters, t, t_stride, chunks, chunk_tokens,
         SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, num_warps=8,
     )
     _emit_kernel[grid](
-        scores, state, emit, plan.bounds, out, hkv, t, plan.k, chunk_tokens, chunks,
+        scores, state, emit, plan.bounds, out, hkv, t, t_stride, plan.k, chunk_tokens, chunks,
         BT=bt_emit, FORCED=FORCED, num_warps=8,
     )
     return out
