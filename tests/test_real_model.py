@@ -75,3 +75,23 @@ def test_real_model_batch_with_left_padding_equals_each_alone(smollm2):
         got = tokenizer.decode(together[row, width:], skip_special_tokens=True)
         assert got == tokenizer.decode(alone[0, one_ids.shape[1] :], skip_special_tokens=True)
     sa.disable(model)
+
+
+def test_needle_tasks_on_the_real_tokenizer_and_the_shipped_hasher(smollm2):
+    """The generated passkey task splits where the question starts, dense answers it, and the shipped
+    hasher loads for this model and answers it at 10% (the question decoded through retrieval)."""
+    from spotlight_attn.eval import common
+    from spotlight_attn.eval.needle import evaluate_needle
+    from spotlight_attn.tasks import encode_task, make_task
+
+    model, tokenizer = smollm2
+    task = make_task(tokenizer, "passkey", 1024, depth=0.5, seed=0)
+    ids, split = encode_task(tokenizer, task)
+    assert 1024 <= len(ids) < 1024 + 400
+    assert tokenizer.decode(ids[split:]).startswith(task.question)
+    methods = common.Methods(model, "smollm2-135m")
+    results = evaluate_needle(model, tokenizer, methods, common.parse_methods("dense,spotlight"), [0.1], ["passkey"], [1024], [0.5], [0],
+                              max_new_tokens=12, progress=False)
+    scores = {row["method"]: row["score"] for row in results["rows"]}
+    assert scores == {"dense": 1.0, "spotlight": 1.0}, results["rows"]
+    sa.disable(model)

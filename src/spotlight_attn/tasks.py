@@ -5,7 +5,7 @@ The haystack is the prose of Python's reference documentation (`pydoc_data.topic
 function of (tokenizer, kind, context length, depth, seed).
 
 Kinds:
-- passkey:    one pass key (5 digits) in the filler; "What is the pass key?"
+- passkey:    one secret passcode (4 digits) in the filler; "What is the secret passcode?"
 - single:     one "special magic number" for a named key (RULER niah_single)
 - multikey:   four needles with different keys; asked for one of them (RULER niah_multikey)
 - multivalue: four numbers for the same key; asked for all of them (RULER niah_multivalue)
@@ -53,7 +53,7 @@ def filler_paragraphs() -> tuple[str, ...]:
                 continue
             text = " ".join(line.strip() for line in lines)
             lowered = text.lower()
-            if len(text.split()) >= 12 and "passcode" not in lowered and "pass key" not in lowered and "magic number" not in lowered:
+            if len(text.split()) >= 12 and "passcode" not in lowered and "magic number" not in lowered:
                 paragraphs.append(text)
     return tuple(paragraphs)
 
@@ -111,10 +111,11 @@ def make_task(tokenizer, kind: str, context_tokens: int, depth: float = 0.5, see
     keys: set[str] = set()
     values: set[str] = set()
     if kind == "passkey":
-        code = _number(rng, 5, values)
-        intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the pass key."
-        needles = [f"The pass key is {code}. Remember it. {code} is the pass key."]
-        question, prefix, answers = "What is the pass key?", "The pass key is", [code]
+        # The wording of the demo (demo.py), which SmolLM2-135M answers reliably at a few thousand tokens.
+        code = _number(rng, 4, values)
+        intro = "A secret passcode is hidden in the text below. Find it."
+        needles = [f"The secret passcode is {code}. Remember it: the passcode is {code}."]
+        question, prefix, answers = "What is the secret passcode?", "The secret passcode is", [code]
     else:
         intro = (
             "Some special magic numbers are hidden inside the following text. Make sure to memorize them. "

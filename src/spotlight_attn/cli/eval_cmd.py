@@ -174,6 +174,7 @@ def run_eval(args) -> int:
         results["meta"]["settings"]["passage_tokens"] = length
 
     results["meta"]["seconds"] = time.perf_counter() - started
+    results["meta"]["hashers"] = methods.hasher_digests()
     path = common.write_results(results, args.out)
     plots = report.plot(results, path.parent, path.stem)
     print(report.markdown(results))

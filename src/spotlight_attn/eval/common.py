@@ -147,6 +147,12 @@ class Methods:
         enable(self.model, hasher, spec.config(self.base, budget if budget is not None else 1.0))
         return self.model.spotlight
 
+    def hasher_digests(self) -> dict[str, str]:
+        """{file: sha256} of every learned hasher used so far, for the results' meta."""
+        import hashlib
+
+        return {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in self._hashers}
+
 
 def dense_prefill(model, input_ids: torch.Tensor):
     """The model's own forward over a prompt [B, T]: (last logits [B, V], a cache any method can index)."""
@@ -206,7 +212,7 @@ def new_results(kind: str, model: str, data: str | None, specs: list[MethodSpec]
             "model": model,
             "data": data,
             "methods": [s.label for s in specs],
-            "hashers": sorted({s.hasher for s in specs if s.hasher}),
+            "hashers": {},  # file -> sha256, filled in as Methods loads them
             "budgets": budgets,
             "seed": seed,
             "version": __version__,

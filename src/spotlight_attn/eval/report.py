@@ -135,7 +135,6 @@ def plot(results: dict, folder: str | Path, stem: str | None = None) -> list[Pat
 def _save(fig, path: Path) -> Path:
     from spotlight_attn.hashing.checkpoint import atomic_write
 
-    fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     fig.clf()
     return path
@@ -148,7 +147,7 @@ def _retrieval_png(results, folder, stem, plt) -> list[Path]:
     pairs = [p for p in _order(results) if p[0] != "oracle"] or _order(results)
     paths = []
     for metric, title in (("mass", "attention-mass recall"), ("iou", "IoU vs oracle")):
-        fig, axes = plt.subplots(1, len(pairs), figsize=(2.2 * len(pairs) + 1, 5), squeeze=False)
+        fig, axes = plt.subplots(1, len(pairs), figsize=(2.2 * len(pairs) + 1, 5), squeeze=False, layout="constrained")
         for ax, pair in zip(axes[0], pairs):
             grid = np.mean([np.array(r[f"{metric}_layer_head"]) for r in groups[pair]], axis=0)  # [layers, Hkv]
             layers = groups[pair][0]["layers"]
@@ -167,7 +166,7 @@ def _retrieval_png(results, folder, stem, plt) -> list[Path]:
 def _bars(plt, results, values: dict, ylabel: str, title: str, path: Path, reference: float | None = None) -> Path:
     budgets = [b for b in results["meta"]["budgets"]]
     methods = [m for m in results["meta"]["methods"]]
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) * max(1, len(budgets)) + 2, 4))
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) * max(1, len(budgets)) + 2, 4), layout="constrained")
     width = 0.8 / max(1, len(budgets))
     for j, budget in enumerate(budgets):
         ys = [values.get((m, budget), values.get((m, None), float("nan"))) for m in methods]
@@ -201,7 +200,7 @@ def _needle_png(results, folder, stem, plt) -> list[Path]:
     depths = results["meta"]["settings"]["depths"]
     groups = _groups(results["rows"], "method", "budget")
     pairs = _order(results)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(2.2 * len(pairs) + 1, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(2.2 * len(pairs) + 1, 3.2), squeeze=False, layout="constrained")
     for ax, pair in zip(axes[0], pairs):
         grid = np.array([[mean([r["score"] for r in groups[pair] if r["length"] == n and r["depth"] == d] or [float("nan")])
                           for n in lengths] for d in depths])  # [depths, lengths]
