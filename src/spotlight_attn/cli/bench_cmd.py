@@ -3,7 +3,7 @@
     spotlight bench retrieval [--geometry llama3-8b,smollm2] [--context 4K,16K,64K,256K,512K,1M] [--batch 1,8]
     spotlight bench attention [same options] [--dtype float16|bfloat16]
     spotlight bench decode --shape llama3-8b --context 32K,128K --batch 1,3,8 --budget 0.02,0.1
-        [--hasher linear,mlp] [--bits 128] [--steps 32] [--dense-kernel auto] [--compile] [--plot decode.png]
+        [--hasher linear,mlp] [--bits 128] [--steps 32] [--dense-kernel auto] [--no-compile] [--plot decode.png]
 
 Each prints a table (the measured copy bandwidth first) and, with --json FILE, writes the rows.
 They need a CUDA GPU: without one they end with `spotlight: error: ...` naming what is missing.
@@ -92,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     dec.add_argument("--dense-kernel", choices=("auto", "flash-varlen", "sdpa", "sdpa-masked"), default="auto",
                      help="dense attention kernel; auto measures flash-varlen and exact-length SDPA and keeps the faster (default: %(default)s)")
     dec.add_argument("--dense-layers", default="0,1", help="layers the sparse rows keep dense, '' for none (default: %(default)s)")
-    dec.add_argument("--compile", action="store_true", help="torch.compile the per-layer dense math (fused norms, RoPE)")
+    dec.add_argument("--no-compile", dest="compile", action="store_false",
+                     help="skip torch.compile of the per-layer math (norms, RoPE, hashing); it is on by default, for dense and spotlight alike")
     dec.add_argument("--profile", action="store_true", help="also print GPU time per kernel of a few eager steps (torch profiler)")
     dec.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     dec.add_argument("--plot", type=Path, metavar="PNG", help="also draw tokens/s per configuration (needs matplotlib)")
