@@ -302,6 +302,8 @@ class DecodeEngine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._step_body(view)
+        graph.replay()  # the first replay uploads the graph (slow): do it here, not in a timed step
+        self.cache.lengths.copy_(saved)
         self._graphs[view] = graph
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
