@@ -70,14 +70,15 @@ def test_full_budget_equals_transformers_generate(make_tiny_model, method):
 
 
 @pytest.mark.parametrize(
-    "method,budget,group",
-    [("linear", 5, 2), ("linear", 0.2, 1), ("spotlight", 6, 3)],
+    "method,budget,group,placement",
+    [("linear", 5, 2, None), ("linear", 0.2, 1, None), ("spotlight", 6, 3, "shared"), ("spotlight", 6, 2, "asymmetric")],
 )
-def test_small_budget_equals_enable_path(make_tiny_model, method, budget, group):
+def test_small_budget_equals_enable_path(make_tiny_model, method, budget, group, placement):
     model = make_tiny_model("llama", q_heads=2 * group, kv_heads=2, head_dim=16, layers=3, seed=1)
     hasher = None
     if method == "spotlight":  # an untrained learned hasher of the shipped shape (2 residual blocks)
-        hasher = MLPHasher(ModelGeometry.from_model(model), HasherConfig(bits=64, width=32, init_scale=0.3), layers=[1, 2], seed=3)
+        hasher_config = HasherConfig(bits=64, width=32, init_scale=0.3, placement=placement)
+        hasher = MLPHasher(ModelGeometry.from_model(model), hasher_config, layers=[1, 2], seed=3)
     config = SpotlightConfig(method=method, budget=budget, bits=64, seed=5, sink=1, window=2, min_tokens=3, dense_layers=(0,))
     ids, mask = prompts(seed=2, lengths=(29, 21))
     enable(model, hasher, config)
@@ -117,6 +118,45 @@ def test_bucketed_view_and_random_fill(make_tiny_model):
     assert torch.equal(engine.cache.codes[1][1, :, :11], engine.hasher.key_codes(1, keys)[0])
     assert engine.step(torch.tensor([5, 6])).shape == (2, 128)
     assert engine.cache.lengths.tolist() == [31, 12]
+
+
+@pytest.mark.parametrize("placement", ["shared", "asymmetric", "linear"])
+def test_compiled_hashing_math_equals_hasher(make_tiny_model, placement):
+    """hashed_attention_inputs (what --compile fuses) computes the hasher's own codes."""
+    from spotlight_attn import LinearHasher
+    from spotlight_attn.engine.engine import attention_inputs, hashed_attention_inputs
+
+    model = make_tiny_model("llama", q_heads=6, kv_heads=2, head_dim=16, layers=2)
+    geometry = ModelGeometry.from_model(model)
+    if placement == "linear":
+        hasher = LinearHasher(geometry, bits=96, seed=2)
+    else:
+        hasher = MLPHasher(geometry, HasherConfig(bits=64, width=8, init_scale=0.3, placement=placement), seed=1)
+    layer = model.model.layers[1]
+    g = torch.Generator().manual_seed(0)
+    hidden, cos, sin = (torch.randn(3, 1, n, generator=g) for n in (96, 16, 16))
+    banks = hasher.banks["k1"], hasher.banks["q1"] if "q1" in hasher.banks else None
+    q, k, v, query_codes, key_codes = hashed_attention_inputs(layer, *banks, hidden, cos, sin)
+    want_q, want_k, _ = attention_inputs(layer, hidden, cos, sin)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(query_codes, hasher.query_codes(1, q)) and torch.equal(key_codes, hasher.key_codes(1, k))
+
+
+def test_floor_bytes_count_what_a_step_reads(make_tiny_model):
+    from spotlight_attn.engine.bench import step_floor_bytes, weights_read_bytes
+
+    model = make_tiny_model("llama", q_heads=4, kv_heads=2, head_dim=16, layers=3)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    assert weights_read_bytes(model, 2) == params - embed.numel() * 4 + 2 * embed.shape[1] * 4
+    dense = DecodeEngine(model, None, SpotlightConfig(method="dense"), max_batch=2, max_tokens=64)
+    kv_token = 2 * 2 * 16 * 4  # K and V, 2 heads, D 16, fp32
+    assert step_floor_bytes(dense, [40, 10]) == weights_read_bytes(model, 2) + 3 * 50 * kv_token
+    config = SpotlightConfig(method="linear", bits=64, budget=5, sink=0, window=0, min_tokens=0, dense_layers=(0,))
+    sparse = DecodeEngine(model, None, config, max_batch=2, max_tokens=64)
+    per_layer = 50 * 2 * 2 * 4 + 10 * kv_token + 2 * 2 * 2 * 5 * 8  # codes, 5 + 5 selected rows, indices
+    hasher_bytes = 2 * 2 * 16 * 64 * 4  # two layers of [Hkv, D, bits] fp32 projections
+    assert step_floor_bytes(sparse, [40, 10]) == weights_read_bytes(model, 2) + 50 * kv_token + 2 * per_layer + hasher_bytes
 
 
 def test_device_budget_matches_host_rule():
