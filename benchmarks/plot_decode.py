@@ -6,7 +6,8 @@
 import json
 import sys
 
-from spotlight_attn.engine.bench import DecodeRow, plot
+from spotlight_attn.engine.bench import DecodeRow
+from spotlight_attn.engine.plot import plot
 
 if __name__ == "__main__":
     out, title, *paths = sys.argv[1:]

@@ -129,7 +129,7 @@ def run_kernels(args) -> int:
 
 def run_decode(args) -> int:
     from spotlight_attn.bench import require_cuda
-    from spotlight_attn.engine.bench import SHAPES, plot, rows_as_dicts, run_decode_bench
+    from spotlight_attn.engine.bench import SHAPES, DecodeSettings, rows_as_dicts, run_decode_bench
 
     shapes = _names(args.shape, SHAPES, "shape")
     hashers = tuple(_names(args.hasher, ("linear", "mlp"), "hasher"))
@@ -142,14 +142,16 @@ def run_decode(args) -> int:
     if args.steps < 1 or args.warmup < 1:
         raise SpotlightError("--steps and --warmup must be >= 1")
     require_cuda()
-    rows = run_decode_bench(
-        shapes, contexts, batches, budgets, hashers=hashers, bits=args.bits, steps=args.steps, warmup=args.warmup,
-        dense_kernel=args.dense_kernel, dense_layers=dense_layers, compile=args.compile, profile=args.profile,
-        log=lambda line: print(line, flush=True),
+    settings = DecodeSettings(
+        budgets, hashers, bits=args.bits, steps=args.steps, warmup=args.warmup, dense_kernel=args.dense_kernel,
+        dense_layers=dense_layers, compile=args.compile, profile=args.profile,
     )
+    rows = run_decode_bench(shapes, contexts, batches, settings, log=lambda line: print(line, flush=True))
     _write_json(args.json, rows_as_dicts(rows))
     if args.plot is not None and rows:
         import torch
+
+        from spotlight_attn.engine.plot import plot
 
         plot(rows, args.plot, f"decode tokens/s, {torch.cuda.get_device_name()}, random-weight models")
         print(f"wrote {args.plot}")

@@ -25,9 +25,11 @@ from typing import Callable
 
 import torch
 
-from spotlight_attn.config import SpotlightConfig
+from spotlight_attn.config import HasherConfig, SpotlightConfig
 from spotlight_attn.engine.dense import DenseKernel, flash_varlen_available
 from spotlight_attn.engine.engine import DecodeEngine
+from spotlight_attn.hashing.hasher import MLPHasher
+from spotlight_attn.models import ModelGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -211,134 +213,139 @@ def _layer_parts(engine: DecodeEngine, layer: int, view: int, dense_kernels: lis
     return parts
 
 
+@dataclass(slots=True)
+class DecodeSettings:
+    """What every configuration of one `run_decode_bench` call shares."""
+
+    budgets: list[float | int]
+    hashers: tuple[str, ...] = ("linear",)  # 'linear' (SimHash) and/or 'mlp' (MLPHasher shape, untrained)
+    bits: int = 128
+    steps: int = 32
+    warmup: int = 4
+    dense_kernel: str = "auto"  # a DenseKernel value, or auto: measure SDPA and flash-varlen, keep the faster
+    dense_layers: tuple[int, ...] = (0, 1)
+    compile: bool = False
+    profile: bool = False
+
+
 def run_decode_bench(
     shapes: list[str],
     contexts: list[int],
     batches: list[int],
-    budgets: list[float | int],
+    settings: DecodeSettings,
     *,
-    hashers: tuple[str, ...] = ("linear",),
-    bits: int = 128,
-    steps: int = 32,
-    warmup: int = 4,
-    dense_kernel: str = "auto",
-    dense_layers: tuple[int, ...] = (0, 1),
-    compile: bool = False,
-    profile: bool = False,
     bandwidth: float | None = None,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[DecodeRow]:
-    """Decode throughput table (see the module docstring). hashers: 'linear' (SimHash) and/or 'mlp'
-    (an untrained MLPHasher of the shipped shape: 2 residual blocks of width 128; speed only)."""
+    """Decode throughput table (see the module docstring); logs each row and returns them all."""
     from spotlight_attn.bench import copy_bandwidth, require_cuda
-    from spotlight_attn.config import HasherConfig
-    from spotlight_attn.hashing.hasher import MLPHasher
-    from spotlight_attn.models import ModelGeometry
 
     log = log or logger.info
     device = require_cuda(device)
     bandwidth = bandwidth or copy_bandwidth(device)
+    s = settings
     log(
         f"# decode: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, copy bandwidth "
         f"{bandwidth / 1e9:.0f} GB/s; random-weight models (decode speed does not depend on weight values); "
-        f"cache filled with random K/V + their real hash codes instead of a prefill; median of {steps} steps "
-        f"after {warmup}; dense layers of sparse rows: {list(dense_layers)}; compile={compile}"
+        f"cache filled with random K/V + their real hash codes instead of a prefill; median of {s.steps} steps "
+        f"after {s.warmup}; dense layers of sparse rows: {list(s.dense_layers)}; compile={s.compile}"
     )
     rows: list[DecodeRow] = []
     for shape_name in shapes:
         shape = SHAPES[shape_name]
-        model = build_model(shape, max(contexts) + steps + warmup + 1024, device)
-        geometry = ModelGeometry.from_model(model)
+        model = build_model(shape, max(contexts) + s.steps + s.warmup + 1024, device)
         kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
-        code_token = (shape.layers - len(dense_layers)) * shape.kv_heads * bits // 8
+        sparse_layers = shape.layers - len([i for i in set(s.dense_layers) if i < shape.layers])
+        code_token = sparse_layers * shape.kv_heads * s.bits // 8
         log(
             f"# {shape_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters; per cached token "
-            f"K/V {kv_token} B, codes {code_token} B ({bits}-bit, {shape.layers - len(dense_layers)} sparse layers) = "
-            f"{code_token / kv_token:.1%} of K/V; per head-token {bits // 8} B vs {2 * shape.head_dim * 2} B "
-            f"= {bits // 8 / (2 * shape.head_dim * 2):.1%}"
+            f"K/V {kv_token} B, codes {code_token} B ({s.bits}-bit, {sparse_layers} sparse layers) = "
+            f"{code_token / kv_token:.1%} of K/V; per head-token {s.bits // 8} B vs {2 * shape.head_dim * 2} B "
+            f"= {s.bits // 8 / (2 * shape.head_dim * 2):.1%}"
         )
         log(HEADER)
         for context in contexts:
             for batch in batches:
-                max_tokens = context + warmup + steps + 8  # + the profile's eager steps
+                max_tokens = context + s.warmup + s.steps + 8  # + the profile's eager steps
                 kv_bytes = batch * max_tokens * kv_token
                 if not _fits(kv_bytes + batch * max_tokens * code_token, device):
                     log(f"{shape_name:13s} {_ctx(context):>5s} {batch:3d} skipped: K/V cache {kv_bytes / 2**30:.1f} GiB "
                         f"+ weights do not fit in {torch.cuda.mem_get_info(device)[1] / 2**30:.0f} GiB")
                     continue
-                rows.extend(_one_config(
-                    model, geometry, shape_name, context, batch, budgets, hashers, bits, steps, warmup, dense_kernel,
-                    dense_layers, compile, profile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher,
-                ))
+                rows += _one_config(model, shape_name, context, batch, max_tokens, s, bandwidth, device, log)
         del model
         gc.collect()
         torch.cuda.empty_cache()
     return rows
 
 
-def _one_config(model, geometry, shape_name, context, batch, budgets, hashers, bits, steps, warmup, dense_kernel,
-                dense_layers, compile, profile, bandwidth, max_tokens, device, log, HasherConfig, MLPHasher) -> list[DecodeRow]:
+def _measure(model, shape_name, label, config, hasher, kernel, lengths, max_tokens, s, bandwidth, device, log, parts_kernels=None):
+    """One row: an engine over `lengths` random tokens per row, its timed steps and floor."""
+    torch.cuda.reset_peak_memory_stats(device)
+    bucket = 1 if kernel is DenseKernel.SDPA else 256  # exact SDPA reads keys[:, :length] unmasked
+    engine = DecodeEngine(model, hasher, config, max_batch=len(lengths), max_tokens=max_tokens, dense_kernel=kernel,
+                          bucket=bucket, compile=s.compile, max_graphs=2)
+    engine.fill_random(lengths)
+    layer = min(engine.sparse_layers) if engine.sparse_layers else 0
+    parts = _layer_parts(engine, layer, engine.view_for(max(lengths) + 1), parts_kernels or [])
+    times = _time_steps(engine, s.warmup, s.steps)
+    if s.profile and kernel is not DenseKernel.SDPA:
+        for text in _profile(engine):
+            log(f"#   profile {label}: {text}")
+    ms = statistics.median(times)
+    nbytes = step_floor_bytes(engine, [n + s.warmup + s.steps // 2 for n in lengths])  # at the middle timed step
+    floor_ms = nbytes / bandwidth * 1e3
+    mem = engine.memory()
+    row = DecodeRow(
+        shape_name, lengths[0], len(lengths), label, ms, len(lengths) / ms * 1e3, float("nan"),
+        nbytes, floor_ms, ms / floor_ms, torch.cuda.max_memory_allocated(device) / 2**30, mem["kv"] / 2**30,
+        mem["codes"] / 2**30, kernel.value, parts,
+    )
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def _one_config(model, shape_name, context, batch, max_tokens, s: DecodeSettings, bandwidth, device, log) -> list[DecodeRow]:
+    """The dense baseline (the faster dense kernel), then one row per budget and hasher."""
     lengths = [context] * batch
-    mid = [context + warmup + steps // 2] * batch  # floor at the middle timed step
-
-    def measure(config, hasher, label, kernel, parts_kernels=()):
-        torch.cuda.reset_peak_memory_stats(device)
-        bucket = 1 if kernel is DenseKernel.SDPA else 256
-        engine = DecodeEngine(model, hasher, config, max_batch=batch, max_tokens=max_tokens, dense_kernel=kernel,
-                              bucket=bucket, compile=compile, max_graphs=2)
-        engine.fill_random(lengths)
-        parts = {}
-        if parts_kernels is not None:
-            parts = _layer_parts(engine, len(dense_layers) if engine.sparse_layers else 0,
-                                 engine.view_for(context + 1), list(parts_kernels))
-        times = _time_steps(engine, warmup, steps)
-        if profile and kernel is not DenseKernel.SDPA:
-            for text in _profile(engine):
-                log(f"#   profile {label}: {text}")
-        ms = statistics.median(times)
-        nbytes = step_floor_bytes(engine, mid)
-        floor_ms = nbytes / bandwidth * 1e3
-        mem = engine.memory()
-        row = DecodeRow(shape_name, context, batch, label, ms, batch / ms * 1e3, float("nan"), nbytes, floor_ms,
-                        ms / floor_ms, torch.cuda.max_memory_allocated(device) / 2**30, mem["kv"] / 2**30,
-                        mem["codes"] / 2**30, kernel.value, parts)
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-        return row
-
-    out = []
+    common = (lengths, max_tokens, s, bandwidth, device, log)
     candidates = [DenseKernel.SDPA] + ([DenseKernel.FLASH_VARLEN] if flash_varlen_available(device, model.dtype) else [])
-    if dense_kernel != "auto":
-        candidates = [DenseKernel(dense_kernel)]
+    if s.dense_kernel != "auto":
+        candidates = [DenseKernel(s.dense_kernel)]
     dense, parts = None, {}
-    for kernel in candidates:  # the dense baseline with each dense kernel; the fastest is the baseline
+    for kernel in candidates:
         try:
-            row = measure(SpotlightConfig(method="dense"), None, "dense", kernel, candidates if kernel is candidates[0] else None)
+            row = _measure(model, shape_name, "dense", SpotlightConfig(method="dense"), None, kernel, *common,
+                           parts_kernels=candidates if not parts else None)
         except RuntimeError as err:  # a dense kernel this torch build cannot run: say so, keep the others
             log(f"# dense kernel {kernel.value} failed on {shape_name} {_ctx(context)} B={batch}: {str(err).splitlines()[0]}")
             gc.collect()
             torch.cuda.empty_cache()
             continue
         log(row.line() + ("" if len(candidates) == 1 else "  (candidate)"))
+        parts = parts or row.parts_us
         if dense is None or row.ms_per_step < dense.ms_per_step:
             dense = row
-        parts = parts or row.parts_us
-    kernel = DenseKernel(dense.dense_kernel)
+    if dense is None:
+        log(f"{shape_name:13s} {_ctx(context):>5s} {batch:3d} skipped: no dense kernel ran")
+        return []
     dense.x_dense, dense.parts_us = 1.0, parts
-    out.append(dense)
-    for budget in budgets:
-        for hasher_kind in hashers:
-            config = SpotlightConfig(
-                method="linear" if hasher_kind == "linear" else "spotlight", budget=budget, bits=bits, dense_layers=dense_layers
-            )
+    kernel = DenseKernel(dense.dense_kernel)
+    out = [dense]
+    geometry = ModelGeometry.from_model(model)
+    sparse = [i for i in range(geometry.num_layers) if i not in s.dense_layers]
+    for budget in s.budgets:
+        for hasher_kind in s.hashers:
+            method = "linear" if hasher_kind == "linear" else "spotlight"
+            config = SpotlightConfig(method=method, budget=budget, bits=s.bits, dense_layers=s.dense_layers)
             hasher = None
-            if hasher_kind == "mlp":
-                sparse = [i for i in range(geometry.num_layers) if i not in dense_layers]
-                hasher = MLPHasher(geometry, HasherConfig(bits=bits, depth=2, width=128), layers=sparse).to(device)
-            label = f"{hasher_kind}-{bits} {budget * 100:g}%" if isinstance(budget, float) else f"{hasher_kind}-{bits} {budget}"
-            row = measure(config, hasher, label, kernel, ())
+            if hasher_kind == "mlp":  # the shipped learned-hash shape, untrained (speed only)
+                hasher = MLPHasher(geometry, HasherConfig(bits=s.bits, depth=2, width=128), layers=sparse).to(device)
+            amount = f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
+            row = _measure(model, shape_name, f"{hasher_kind}-{s.bits} {amount}", config, hasher, kernel, *common)
             row.x_dense = row.tokens_per_s / dense.tokens_per_s
             log(row.line())
             out.append(row)
@@ -352,38 +359,4 @@ def rows_as_dicts(rows: list[DecodeRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def plot(rows: list[DecodeRow], path, title: str) -> None:
-    """Tokens/s per configuration, one bar per method (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = list(dict.fromkeys((r.shape, r.context, r.batch) for r in rows))
-    methods = list(dict.fromkeys(r.method for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(configs)), 4.2))
-    width = 0.8 / len(methods)
-    for j, method in enumerate(methods):
-        xs, ys = [], []
-        for c, cfg in enumerate(configs):
-            match = [r for r in rows if (r.shape, r.context, r.batch) == cfg and r.method == method]
-            if match:
-                xs.append(c + (j - (len(methods) - 1) / 2) * width)
-                ys.append(match[0].tokens_per_s)
-        ax.bar(xs, ys, width, label=method)
-        if method != "dense":
-            ratios = [r.x_dense for cfg in configs for r in rows if (r.shape, r.context, r.batch) == cfg and r.method == method]
-            for x, y, ratio in zip(xs, ys, ratios):
-                ax.annotate(f"{ratio:.1f}x", (x, y), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels([f"{s}\n{_ctx(t)} B={b}" for s, t, b in configs], fontsize=8)
-    ax.set_ylabel("decode tokens/s")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-__all__ = ["SHAPES", "DecodeRow", "run_decode_bench", "plot", "rows_as_dicts", "build_model"]
+__all__ = ["SHAPES", "DecodeRow", "DecodeSettings", "build_model", "rows_as_dicts", "run_decode_bench"]
