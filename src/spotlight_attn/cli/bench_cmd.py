@@ -12,6 +12,7 @@ They need a CUDA GPU: without one they end with `spotlight: error: ...` naming w
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -141,6 +142,8 @@ def run_decode(args) -> int:
         raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
     if args.steps < 1 or args.warmup < 1:
         raise SpotlightError("--steps and --warmup must be >= 1")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise SpotlightError("--plot needs matplotlib: pip install matplotlib")
     require_cuda()
     settings = DecodeSettings(
         budgets, hashers, bits=args.bits, steps=args.steps, warmup=args.warmup, dense_kernel=args.dense_kernel,
