@@ -165,9 +165,41 @@ def test_metrics_oracle_and_full_budget():
     at_10 = layer_quality(q, k, 1, positions, Budget(0.1), {"linear": linear})
     assert at_10["oracle"][0] == pytest.approx(1.0)
     assert at_10["linear"][1] <= at_10["oracle"][1] + 1e-6
+    assert set(at_10) == {"oracle", "logit", "linear"}
+    assert 0.0 < at_10["logit"][0] <= 1.0 and at_10["logit"][1] <= at_10["oracle"][1] + 1e-6
     full = layer_quality(q, k, 1, positions, Budget(1.0), {"linear": linear})
     for iou, mass in full.values():
         assert iou == pytest.approx(1.0) and mass == pytest.approx(1.0, abs=1e-5)
+
+
+def test_logit_oracle_ranks_by_group_summed_logits():
+    """The logit oracle's pick equals the top-k of sum_g q_g . k (outside the forced sink / window keys)."""
+    from types import SimpleNamespace
+
+    from spotlight_attn.metrics import LogitSelector
+
+    q, k = _chunk(6, 64)
+    query = q[:, 50][None, :, None]  # [1, Hq, 1, D]
+    valid = torch.arange(64)[None] <= 50
+    state = SimpleNamespace(keys=k[None], key_valid=valid, layer_idx=1)
+    picked = LogitSelector().select(query, state, Budget(10, 0, 0, 0), 0.25)  # [1, Hkv, 10]
+    logits = (q[:, 50].view(2, 3, 16).sum(1)[:, None] * k).sum(-1)[:, :51]  # [Hkv, 51]
+    expected = logits.topk(10, dim=-1).indices.sort(-1).values
+    assert torch.equal(picked[0], expected)
+
+
+def test_sampling_at_given_positions_and_hard_top():
+    q, k = _chunk(7)
+    sampling = PairSampling(num_queries=24, num_top=8, num_other=12, num_hard=6, num_hard_top=4, min_position=16)
+    positions = torch.tensor([20, 50, 96])
+    pairs = sample_pairs(q, k, Budget(0.2, 4, 1, 2), sampling, 0.25, torch.Generator().manual_seed(0), positions=positions)
+    assert torch.equal(pairs.positions, positions)
+    for h in range(2):
+        for i in range(3):
+            top = pairs.top[h, i][pairs.top_ok[h, i]].tolist()
+            assert len(top) == len(set(top))  # hard and uniform top keys never repeat
+    with pytest.raises(ValueError):
+        PairSampling(num_top=4, num_hard_top=5)
 
 
 class _WordTokenizer:

@@ -7,6 +7,8 @@ min_tokens, sink and window inside the budget) on that causal past:
 - IoU = |selected AND true| / |selected OR true|, per (layer, KV head, query position), then averaged.
 - Attention-mass recall = the group-summed softmax probability on the selected keys, divided by G
   (dense = 1), per (layer, KV head, query position), then averaged.
+- Logit oracle ("logit"): exact top-k of the group-summed logits sum_g q_g . k, under the same rules.
+  Summed-Hamming scores approximate exactly that sum, so its IoU is the ceiling a hash can reach.
 
     python -m spotlight_attn.metrics --model smollm2-135m --data kjv \
         --hasher learned128=h128.safetensors --linear 128 --linear 1024 --budgets 0.1 0.02
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +27,18 @@ import torch
 from spotlight_attn.config import Budget, Method
 from spotlight_attn.selection.selectors import HashSelector, OracleSelector
 
+log = logging.getLogger(__name__)
 ORACLE = "oracle"
+LOGIT = "logit"
+
+
+class LogitSelector(OracleSelector):
+    """Exact top-k of the group-summed logits sum_g q_g . k: what summed-Hamming scoring approximates."""
+
+    def scores_rows(self, query, layer, scaling, row_valid):
+        b, hq, s, d = query.shape
+        q = query.reshape(b, layer.keys.shape[1], hq // layer.keys.shape[1], s, d).float().sum(2)  # [B, Hkv, S, D]
+        return q @ layer.keys.float().transpose(-1, -2)  # [B, Hkv, S, T]
 
 
 def _selected_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
@@ -37,12 +50,12 @@ def _selected_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
 
 def layer_quality(
     queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor, budget: Budget,
-    hashers: dict, batch: int = 16,
+    hashers: dict, batch: int = 16, logit: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """queries [Hq, L, D], keys [Hkv, L, D] of one chunk, positions [Nq] -> {method: (IoU, mass recall)} means.
 
     `hashers` maps a method name to an MLPHasher / LinearHasher covering `layer_idx`; the oracle is
-    always included under "oracle".
+    always included under "oracle", and the logit oracle under "logit" when `logit` is set.
     """
     hq, length, d = queries.shape
     hkv = keys.shape[0]
@@ -50,16 +63,19 @@ def layer_quality(
     oracle = OracleSelector()
     hash_selectors = {name: HashSelector(h, Method.SPOTLIGHT) for name, h in hashers.items()}
     key_codes = {name: h.key_codes(layer_idx, keys[None].float()) for name, h in hashers.items()}  # [1, Hkv, L, W]
-    sums = {name: [0.0, 0.0] for name in [ORACLE, *hashers]}
+    extra = [LOGIT] if logit else []
+    sums = {name: [0.0, 0.0] for name in [ORACLE, *extra, *hashers]}
     for start in range(0, positions.numel(), batch):
         pos = positions[start : start + batch]  # [b]
         b = pos.numel()
         query = queries[:, pos].float().transpose(0, 1)[:, :, None]  # [b, Hq, 1, D]
-        valid = torch.arange(length)[None, :] <= pos[:, None]  # [b, L]
+        valid = torch.arange(length, device=keys.device)[None, :] <= pos[:, None]  # [b, L]
         state = SimpleNamespace(keys=keys[None].float().expand(b, -1, -1, -1), key_valid=valid, layer_idx=layer_idx)
         probs = oracle.scores(query, state, scaling)  # [b, Hkv, L]: group-summed softmax
         truth = _selected_mask(oracle.select(query, state, budget, scaling), length)
         picks = {ORACLE: truth}
+        if logit:
+            picks[LOGIT] = _selected_mask(LogitSelector().select(query, state, budget, scaling), length)
         for name, selector in hash_selectors.items():
             state.codes = key_codes[name].expand(b, -1, -1, -1)
             picks[name] = _selected_mask(selector.select(query, state, budget, scaling), length)
@@ -74,7 +90,7 @@ def layer_quality(
 
 def evaluate_retrieval(
     model, chunks: torch.Tensor, hashers: dict, budgets: list[float], layers: list[int], queries_per_chunk: int = 64,
-    min_position: int = 2048, seed: int = 0, folder: str | Path | None = None, progress: bool = True,
+    min_position: int = 2048, seed: int = 0, folder: str | Path | None = None, progress: bool = True, logit: bool = True,
 ) -> dict:
     """Mean IoU / mass per (budget, method, layer) over sampled query positions >= min_position.
 
@@ -98,19 +114,19 @@ def evaluate_retrieval(
         for _ in range(chunks.shape[0])
     ]
     results: dict = {b: {} for b in budgets}
-    for layer in layers:
+    from tqdm.auto import tqdm
+
+    for layer in tqdm(layers, desc="retrieval quality", unit="layer", disable=not progress):
         queries, keys = load_layer(folder, layer, chunks.shape[0])
         for amount in budgets:
             budget = Budget(amount)
-            per_chunk = [layer_quality(queries[n], keys[n], layer, positions[n], budget, hashers) for n in range(chunks.shape[0])]
+            per_chunk = [layer_quality(queries[n], keys[n], layer, positions[n], budget, hashers, logit=logit) for n in range(chunks.shape[0])]
             for name in per_chunk[0]:
                 iou = sum(r[name][0] for r in per_chunk) / len(per_chunk)
                 mass = sum(r[name][1] for r in per_chunk) / len(per_chunk)
                 results[amount].setdefault(name, {})[layer] = (iou, mass)
-        if progress:
-            print(f"layer {layer}: " + ", ".join(
-                f"{n}@{b:g}={results[b][n][layer][0]:.3f}/{results[b][n][layer][1]:.3f}" for b in budgets for n in results[b]
-            ), file=sys.stderr, flush=True)
+        log.info("layer %d: %s", layer, ", ".join(
+            f"{n}@{b:g}={results[b][n][layer][0]:.3f}/{results[b][n][layer][1]:.3f}" for b in budgets for n in results[b]))
     return results
 
 
@@ -162,6 +178,36 @@ def plot_svg(results: dict, layers: list[int], budget: float) -> str:
     return "\n".join(parts)
 
 
+def plot_png(results: dict, layers: list[int], budget: float, path: str | Path) -> Path:
+    """IoU and mass recall per layer at `budget`, one line per method, written as a PNG.
+
+    Needs matplotlib (`pip install spotlight-attn[plot]`); imported here so the library does not need it.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'spotlight-attn[plot]'") from None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, (metric, title) in zip(axes, [(0, "IoU with the oracle's set"), (1, "attention-mass recall")]):
+        for method, per_layer in results[budget].items():
+            style = "--" if method in (ORACLE, LOGIT) else "-"
+            values = [per_layer[i][metric] for i in layers]
+            mean = sum(values) / len(values)
+            ax.plot(layers, values, style, marker="o", markersize=3, label=f"{method} (mean {mean:.3f})")
+        ax.set_title(f"{title}, budget {budget:.0%}")
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     from spotlight_attn.data import load_chunks
     from spotlight_attn.hashing import LinearHasher, load_hasher
@@ -179,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-position", type=int, default=2048, help="each sampled query sees at least this many keys")
     parser.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="write a PNG of IoU and mass per layer at the first budget (needs matplotlib)")
+    parser.add_argument("--no-logit", action="store_true", help="leave out the logit oracle (group-summed q.k top-k)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model, tokenizer = load_model(args.model, device="cpu")
     geometry = ModelGeometry.from_model(model)
@@ -191,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     for bits in args.linear:
         hashers[f"simhash{bits}"] = LinearHasher(geometry, bits=bits, layers=layers)
     chunks = load_chunks(args.data, tokenizer, args.chunk_len, args.chunks, split="all")
-    results = evaluate_retrieval(model, chunks, hashers, args.budgets, layers, args.queries, args.min_position)
+    results = evaluate_retrieval(model, chunks, hashers, args.budgets, layers, args.queries, args.min_position,
+                                 logit=not args.no_logit)
     print(format_table(results, layers))
     if args.json:
         args.json.write_text(json.dumps({str(b): r for b, r in results.items()}, indent=1))
+    if args.plot:
+        plot_png(results, layers, args.budgets[0], args.plot)
     return 0
 
 

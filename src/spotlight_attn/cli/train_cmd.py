@@ -4,11 +4,13 @@
         [--placement shared|asymmetric] [--budget 0.1] [--steps 300] [--chunks 16] [--chunk-len 2048]
 
 Re-running the same command resumes: finished layers are kept, the layer in progress restarts.
+Layer-parallel: `torchrun --nproc_per_node N $(which spotlight) train ...` (ranks split the layers).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from pathlib import Path
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="train a learned hasher for a model", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="local HF folder, .gguf file, or smollm2-135m")
-    parser.add_argument("--data", required=True, help="text file/folder, .jsonl, .parquet, or stdlib|kjv|licenses")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="text file/folder, .jsonl, .parquet, or stdlib|kjv|licenses; several mix domains (--chunks from each)")
     parser.add_argument("--out", required=True, type=Path, help="hasher file to write (and resume from)")
     parser.add_argument("--bits", type=int, default=128)
     parser.add_argument("--placement", choices=("shared", "asymmetric"), default="shared")
@@ -24,13 +27,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=2, help="residual MLP blocks per head")
     parser.add_argument("--budget", type=float, default=0.1, help="training budget: fraction of the past in the true set")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per layer")
-    parser.add_argument("--chunks", type=int, default=16, help="training chunks to record")
+    parser.add_argument("--chunks", type=int, default=16, help="training chunks to record from each --data source")
     parser.add_argument("--chunk-len", type=int, default=2048)
     parser.add_argument("--queries", type=int, default=128, help="query positions sampled per step")
     parser.add_argument("--top", type=int, default=32, help="true-top keys sampled per query")
     parser.add_argument("--others", type=int, default=64, help="other keys sampled per query (half near the boundary)")
     parser.add_argument("--mass-weight", type=float, default=0.5, help="0..1: weight pairs by the attention mass a swap loses")
     parser.add_argument("--straight-through", action="store_true", help="hard codes forward, soft gradient backward")
+    parser.add_argument("--gain", type=float, default=64.0, help="soft-sign gain g in s = g h / (1 + |g h|)")
+    parser.add_argument("--min-position", type=int, default=64, help="sampled training queries see at least this many keys")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if any)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 avoids oversubscription on busy machines)")
@@ -49,14 +54,27 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     sampling = PairSampling(
         num_queries=args.queries, num_top=args.top, num_other=args.others, num_hard=args.others // 2,
-        mass_weight=args.mass_weight, straight_through=args.straight_through,
+        mass_weight=args.mass_weight, straight_through=args.straight_through, gain=args.gain,
+        min_position=args.min_position,
     )
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # under torchrun: ranks split the layers, rank 0 merges (see train/trainer.py)
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     start = time.perf_counter()
     out = train_hasher(
         args.model, args.data, args.out, bits=args.bits, placement=args.placement, budget=args.budget, steps=args.steps, width=args.width, depth=args.depth,
         chunk_len=args.chunk_len, num_chunks=args.chunks, cache_dir=args.cache_dir, device=args.device, seed=args.seed,
         sampling=sampling,
     )
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     hasher = load_hasher(out, hasher_geometry(out))
     print(f"wrote {out} ({len(hasher.layers)} layers, {hasher.bits} bits) in {time.perf_counter() - start:.0f} s")
     return 0

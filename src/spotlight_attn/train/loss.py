@@ -11,7 +11,8 @@ For a sampled query position s (a decode step whose cache holds keys 0..s):
   i.e. -log P(i ranks above j) under Bradley-Terry.
 Bounded by sampling: `num_queries` positions, `num_top` top keys and `num_other` other keys per
 (query, KV head), of which `num_hard` come from just below the boundary (ranks k..2k of the
-non-top keys). The pair tensor is Hkv x num_queries x num_top x num_other.
+non-top keys), and `num_hard_top` of the top keys from just above it (the lower half of the true set).
+The pair tensor is Hkv x num_queries x num_top x num_other.
 Optional attention-mass weighting (`mass_weight` = lambda in [0, 1]): pair weight
 (1 - lambda) + lambda * (p_i - p_j) / mean(p_i - p_j): swapping i and j loses p_i - p_j of mass,
 so heavy keys (attention sinks) count for what they carry.
@@ -36,6 +37,7 @@ class PairSampling:
     num_top: int = 64
     num_other: int = 64
     num_hard: int = 32  # of num_other, drawn from just below the top-k boundary
+    num_hard_top: int = 0  # of num_top, drawn from just above it (the lower half of the true set)
     min_position: int = 64  # sampled queries see at least this many keys
     include_forced: bool = False  # rank the always-read sink/window keys too
     mass_weight: float = 0.0  # lambda: 0 = every pair counts the same, 1 = pairs weighted by mass lost
@@ -46,6 +48,8 @@ class PairSampling:
     def __post_init__(self):
         if self.num_hard > self.num_other:
             raise ValueError(f"num_hard ({self.num_hard}) must be <= num_other ({self.num_other})")
+        if self.num_hard_top > self.num_top:
+            raise ValueError(f"num_hard_top ({self.num_hard_top}) must be <= num_top ({self.num_top})")
         if not 0.0 <= self.mass_weight <= 1.0:
             raise ValueError(f"mass_weight must be in [0, 1], got {self.mass_weight}")
 
@@ -63,7 +67,8 @@ def group_probs(queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tens
 
 def _sample(member: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """member [..., L] bool -> (indices [..., n] int64, ok [..., n] bool): up to n members, uniformly without replacement."""
-    u = torch.rand(member.shape, generator=generator, device=member.device).masked_fill(~member, -1.0)
+    # Drawn on the generator's device (the CPU) and moved: the same seed gives the same pairs on any device.
+    u = torch.rand(member.shape, generator=generator, device=generator.device).to(member.device).masked_fill(~member, -1.0)
     picked = u.topk(min(n, u.shape[-1]), dim=-1)
     return picked.indices, picked.values >= 0
 
@@ -79,13 +84,19 @@ class PairBatch:
 
 
 def sample_pairs(
-    queries: torch.Tensor, keys: torch.Tensor, budget: Budget, sampling: PairSampling, scaling: float, generator: torch.Generator
+    queries: torch.Tensor, keys: torch.Tensor, budget: Budget, sampling: PairSampling, scaling: float, generator: torch.Generator,
+    positions: torch.Tensor | None = None,
 ) -> PairBatch:
-    """queries [Hq, L, D], keys [Hkv, L, D] of one chunk -> sampled top / other keys per (KV head, query)."""
+    """queries [Hq, L, D], keys [Hkv, L, D] of one chunk -> sampled top / other keys per (KV head, query).
+
+    positions [Nq] int64, optional: the query positions to use instead of a uniform draw from
+    [min_position, L) (e.g. when queries were kept only at some positions).
+    """
     length = keys.shape[1]
-    low = min(sampling.min_position, length - 1)
-    count = min(sampling.num_queries, length - low)
-    positions = low + torch.randperm(length - low, generator=generator)[:count].sort().values  # [Nq]
+    if positions is None:
+        low = min(sampling.min_position, length - 1)
+        count = min(sampling.num_queries, length - low)
+        positions = low + torch.randperm(length - low, generator=generator)[:count].sort().values  # [Nq]
     positions = positions.to(keys.device)
     p = group_probs(queries[:, positions], keys, positions, scaling)  # [Hkv, Nq, L]
 
@@ -103,7 +114,15 @@ def sample_pairs(
     is_other = candidate & (rank >= n_top)
     is_hard = is_other & (rank < 2 * n_top.clamp(min=1))
 
-    top, top_ok = _sample(is_top, sampling.num_top, generator)
+    if sampling.num_hard_top:
+        is_hard_top = is_top & (2 * rank >= n_top)
+        hard_top, hard_top_ok = _sample(is_hard_top, sampling.num_hard_top, generator)
+        rest_top = is_top.clone()
+        rest_top.scatter_(-1, hard_top, rest_top.gather(-1, hard_top) & ~hard_top_ok)
+        top, top_ok = _sample(rest_top, sampling.num_top - sampling.num_hard_top, generator)
+        top, top_ok = torch.cat([hard_top, top], -1), torch.cat([hard_top_ok, top_ok], -1)
+    else:
+        top, top_ok = _sample(is_top, sampling.num_top, generator)
     hard, hard_ok = _sample(is_hard, sampling.num_hard, generator)
     # The uniform draw excludes the hard keys already drawn, so no pair appears twice.
     rest = is_other.clone()

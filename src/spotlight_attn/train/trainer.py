@@ -225,8 +225,10 @@ def train_hasher(
     """Record q/k for `data` with `model_spec` and train a hasher into `out`. Returns `out`.
 
     model_spec: a model spec for load_model, or an already loaded model (its tokenizer is needed only
-    when `data` is text). data: a data spec (see data.py; its train split is used) or token chunks
-    [N, L] int64. `overrides` set other TrainConfig fields; `config` replaces them all.
+    when `data` is text). data: a data spec (see data.py; its train split is used), a list of specs
+    (`num_chunks` chunks from each, in order: e.g. code and prose, so the hash does not learn one
+    domain only), or token chunks [N, L] int64. `overrides` set other TrainConfig fields; `config`
+    replaces them all.
     """
     import torch.distributed as dist
 
@@ -249,8 +251,9 @@ def train_hasher(
     else:
         if tokenizer is None:
             raise SpotlightError("text data needs a tokenizer: pass a model spec or (model, tokenizer)")
-        chunks = load_chunks(data, tokenizer, chunk_len, num_chunks, split="train", seed=config.seed)
-    data_id = chunks_fingerprint(chunks)
+        specs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        chunks = torch.cat([load_chunks(spec, tokenizer, chunk_len, num_chunks, split="train", seed=config.seed) for spec in specs])
+    data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"  # the digest alone ignores the chunk length
     key = hashlib.sha256((model_fingerprint(model) + data_id).encode()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "qk" / key
 
