@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from spotlight_attn.errors import SpotlightError
@@ -156,3 +156,73 @@ class HasherConfig:
         out["placement"] = self.placement.value
         return out
 
+
+@dataclass(slots=True)
+class PairSampling:
+    """How many queries / keys one loss evaluation samples, and how pairs are weighted."""
+
+    num_queries: int = 256
+    num_top: int = 64
+    num_other: int = 64
+    num_hard: int = 32  # of num_other, drawn from just below the top-k boundary
+    num_hard_top: int = 0  # of num_top, drawn from just above it (the lower half of the true set)
+    min_position: int = 64  # sampled queries see at least this many keys
+    include_forced: bool = False  # rank the always-read sink/window keys too
+    mass_weight: float = 0.0  # lambda: 0 = every pair counts the same, 1 = pairs weighted by mass lost
+    logit_scale: float = 1.0  # multiplies draft differences inside the BCE
+    straight_through: bool = False  # hard sign codes forward, soft-sign gradient backward
+    gain: float = 64.0  # soft sign s = g h / (1 + |g h|)
+
+    def __post_init__(self):
+        if self.num_hard > self.num_other:
+            raise ValueError(f"num_hard ({self.num_hard}) must be <= num_other ({self.num_other})")
+        if self.num_hard_top > self.num_top:
+            raise ValueError(f"num_hard_top ({self.num_hard_top}) must be <= num_top ({self.num_top})")
+        if not 0.0 <= self.mass_weight <= 1.0:
+            raise ValueError(f"mass_weight must be in [0, 1], got {self.mass_weight}")
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Everything that decides the trained weights (stored in the checkpoint header)."""
+
+    bits: int = 128
+    placement: str = "shared"
+    depth: int = 2
+    width: int = 64  # = head_dim of SmolLM2: keeps the shipped 28-layer hasher under 5 MB in float16
+    budget: float = 0.1  # training budget: the true set is what the oracle reads at this fraction
+    min_tokens: int = 20
+    sink: int = 4
+    window: int = 16
+    dense_layers: tuple[int, ...] = (0, 1)
+    steps: int = 300  # optimiser steps per layer, one recorded chunk each
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.1
+    warmup: float = 0.01  # fraction of the steps (at least one step)
+    clip: float = 1.0
+    seed: int = 0
+    sampling: PairSampling = field(default_factory=PairSampling)
+
+    def __post_init__(self):
+        if isinstance(self.sampling, dict):
+            self.sampling = PairSampling(**self.sampling)
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.steps < 1:
+            raise SpotlightError(f"steps must be >= 1, got {self.steps}")
+        self.hasher_config  # validates bits / placement / depth / width
+        self.budget_spec  # validates the budget
+
+    @property
+    def hasher_config(self) -> HasherConfig:
+        return HasherConfig(bits=self.bits, depth=self.depth, width=self.width, placement=self.placement)
+
+    @property
+    def budget_spec(self) -> Budget:
+        return Budget(self.budget, self.min_tokens, self.sink, self.window)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["dense_layers"], out["betas"] = list(self.dense_layers), list(self.betas)
+        return out

@@ -25,33 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spotlight_attn.config import Budget
+from spotlight_attn.config import Budget, PairSampling  # PairSampling re-exported here
 from spotlight_attn.selection.topk import forced_mask
-
-
-@dataclass(slots=True)
-class PairSampling:
-    """How many queries / keys one loss evaluation samples, and how pairs are weighted."""
-
-    num_queries: int = 256
-    num_top: int = 64
-    num_other: int = 64
-    num_hard: int = 32  # of num_other, drawn from just below the top-k boundary
-    num_hard_top: int = 0  # of num_top, drawn from just above it (the lower half of the true set)
-    min_position: int = 64  # sampled queries see at least this many keys
-    include_forced: bool = False  # rank the always-read sink/window keys too
-    mass_weight: float = 0.0  # lambda: 0 = every pair counts the same, 1 = pairs weighted by mass lost
-    logit_scale: float = 1.0  # multiplies draft differences inside the BCE
-    straight_through: bool = False  # hard sign codes forward, soft-sign gradient backward
-    gain: float = 64.0  # soft sign s = g h / (1 + |g h|)
-
-    def __post_init__(self):
-        if self.num_hard > self.num_other:
-            raise ValueError(f"num_hard ({self.num_hard}) must be <= num_other ({self.num_other})")
-        if self.num_hard_top > self.num_top:
-            raise ValueError(f"num_hard_top ({self.num_hard_top}) must be <= num_top ({self.num_top})")
-        if not 0.0 <= self.mass_weight <= 1.0:
-            raise ValueError(f"mass_weight must be in [0, 1], got {self.mass_weight}")
 
 
 def group_probs(queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -10,76 +10,29 @@
   checkpoint with other settings, another model or corrupt contents is refused, never overwritten.
 - Layer-parallel: under torchrun (torch.distributed initialised, world > 1) each rank records a
   share of the chunks, trains layers[rank::world] into `out.rank{r}`, and rank 0 merges them into `out`.
+- TrainConfig (config.py) holds every setting that decides the weights; it is written to the header.
 - Logs: one JSONL file per layer (`<out stem>.logs/layer007.jsonl`), a line every `log_every` steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from spotlight_attn.config import Budget, HasherConfig
+from spotlight_attn.config import TrainConfig  # re-exported here
 from spotlight_attn.errors import CheckpointError, SpotlightError
 from spotlight_attn.hashing.checkpoint import check_geometry, load_hasher, read_header, save_hasher
 from spotlight_attn.hashing.hasher import MLPHasher
 from spotlight_attn.models import ModelGeometry
-from spotlight_attn.train.loss import PairSampling, ranking_loss, sample_pairs
+from spotlight_attn.train.loss import ranking_loss, sample_pairs
 from spotlight_attn.train.record import load_layer, model_fingerprint, record_qk
-
-
-@dataclass(slots=True)
-class TrainConfig:
-    """Everything that decides the trained weights (stored in the checkpoint header)."""
-
-    bits: int = 128
-    placement: str = "shared"
-    depth: int = 2
-    width: int = 64  # = head_dim of SmolLM2: keeps the shipped 28-layer hasher under 5 MB in float16
-    budget: float = 0.1  # training budget: the true set is what the oracle reads at this fraction
-    min_tokens: int = 20
-    sink: int = 4
-    window: int = 16
-    dense_layers: tuple[int, ...] = (0, 1)
-    steps: int = 300  # optimiser steps per layer, one recorded chunk each
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.1
-    warmup: float = 0.01  # fraction of the steps (at least one step)
-    clip: float = 1.0
-    seed: int = 0
-    sampling: PairSampling = field(default_factory=PairSampling)
-
-    def __post_init__(self):
-        if isinstance(self.sampling, dict):
-            self.sampling = PairSampling(**self.sampling)
-        self.dense_layers = tuple(int(i) for i in self.dense_layers)
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.steps < 1:
-            raise SpotlightError(f"steps must be >= 1, got {self.steps}")
-        self.hasher_config  # validates bits / placement / depth / width
-        self.budget_spec  # validates the budget
-
-    @property
-    def hasher_config(self) -> HasherConfig:
-        return HasherConfig(bits=self.bits, depth=self.depth, width=self.width, placement=self.placement)
-
-    @property
-    def budget_spec(self) -> Budget:
-        return Budget(self.budget, self.min_tokens, self.sink, self.window)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["dense_layers"], out["betas"] = list(self.dense_layers), list(self.betas)
-        return out
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
