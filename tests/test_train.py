@@ -275,3 +275,12 @@ def test_cli_train_small_corpus_real_model(tmp_path):
     assert args.run(args) == 0
     model, _ = load_model("smollm2-135m", device="cpu")
     assert load_hasher(out, model).layers == tuple(range(2, 30))
+
+
+def test_plot_png_writes_an_image(tmp_path):
+    pytest.importorskip("matplotlib")
+    from spotlight_attn.metrics import plot_png
+
+    results = {0.1: {"oracle": {2: (1.0, 0.9), 3: (1.0, 0.95)}, "learned": {2: (0.4, 0.85), 3: (0.5, 0.9)}}}
+    path = plot_png(results, [2, 3], 0.1, tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -147,41 +147,10 @@ def format_table(results: dict, layers: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot_svg(results: dict, layers: list[int], budget: float) -> str:
-    """A self-contained SVG (no plotting library needed): IoU and mass recall per layer, one line per method."""
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
-    width, height, pad = 420, 260, 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height + 30}" font-family="sans-serif" font-size="11">']
-    methods = list(results[budget])
-    for panel, (metric, title) in enumerate([(0, "IoU"), (1, "attention-mass recall")]):
-        x0 = panel * width
-        values = [results[budget][m][i][metric] for m in methods for i in layers]
-        lo = min(0.0 if metric == 0 else 0.5, min(values))
-
-        def xy(j, v):
-            return x0 + pad + j * (width - 2 * pad) / max(1, len(layers) - 1), pad + (1 - (v - lo) / (1 - lo)) * (height - 2 * pad)
-
-        parts.append(f'<text x="{x0 + width / 2}" y="16" text-anchor="middle">{title} per layer, budget {budget:.0%}</text>')
-        parts.append(f'<rect x="{x0 + pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none" stroke="#999"/>')
-        for v in (lo, (lo + 1) / 2, 1.0):
-            _, y = xy(0, v)
-            parts.append(f'<text x="{x0 + pad - 4}" y="{y + 4}" text-anchor="end">{v:.2f}</text>')
-        for j in range(0, len(layers), max(1, len(layers) // 7)):
-            x, _ = xy(j, lo)
-            parts.append(f'<text x="{x}" y="{height - pad + 14}" text-anchor="middle">{layers[j]}</text>')
-        for c, method in enumerate(methods):
-            points = " ".join("%.1f,%.1f" % xy(j, results[budget][method][i][metric]) for j, i in enumerate(layers))
-            parts.append(f'<polyline points="{points}" fill="none" stroke="{colors[c % len(colors)]}" stroke-width="1.5"/>')
-    for c, method in enumerate(methods):
-        parts.append(f'<text x="{pad + 110 * c}" y="{height + 20}" fill="{colors[c % len(colors)]}">{method}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
 def plot_png(results: dict, layers: list[int], budget: float, path: str | Path) -> Path:
     """IoU and mass recall per layer at `budget`, one line per method, written as a PNG.
 
-    Needs matplotlib (`pip install spotlight-attn[plot]`); imported here so the library does not need it.
+    Needs matplotlib (the `eval` extra: `pip install 'spotlight-attn[eval]'`); imported here so the library does not need it.
     """
     try:
         import matplotlib
@@ -189,7 +158,7 @@ def plot_png(results: dict, layers: list[int], budget: float, path: str | Path) 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'spotlight-attn[plot]'") from None
+        raise ImportError("plotting needs matplotlib: pip install 'spotlight-attn[eval]'") from None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, (metric, title) in zip(axes, [(0, "IoU with the oracle's set"), (1, "attention-mass recall")]):
         for method, per_layer in results[budget].items():
