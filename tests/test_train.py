@@ -284,3 +284,23 @@ def test_plot_png_writes_an_image(tmp_path):
     results = {0.1: {"oracle": {2: (1.0, 0.9), 3: (1.0, 0.95)}, "learned": {2: (0.4, 0.85), 3: (0.5, 0.9)}}}
     path = plot_png(results, [2, 3], 0.1, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_ranks_real_model(tmp_path):
+    """`torchrun --nproc_per_node 2 ... spotlight train` (gloo on the CPU): ranks split the layers, rank 0 merges."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "h.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "spotlight_attn.cli.main", "train", "--model", "smollm2-135m", "--data", "licenses", "--out", str(out),
+           "--steps", "2", "--chunks", "2", "--chunk-len", "256", "--queries", "16", "--device", "cpu", "--threads", "1",
+           "--cache-dir", str(tmp_path / "c")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    header = read_header(out)
+    assert header["training"]["finished_layers"] == list(range(2, 30))
+    assert (tmp_path / "h.safetensors.rank0").exists() and (tmp_path / "h.safetensors.rank1").exists()
