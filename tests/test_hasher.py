@@ -147,3 +147,19 @@ def test_a_failed_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
         save_hasher(MLPHasher(geometry(), HasherConfig(bits=64, width=4), layers=[0]), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["h.safetensors"]  # no temp file left behind
+
+
+def test_shipped_smollm2_hasher_loads_and_is_small():
+    """The hasher inside the package: SmolLM2-135M geometry, 128 bits, layers 2-29, under 5 MB, header intact."""
+    from pathlib import Path
+
+    import spotlight_attn
+
+    path = Path(spotlight_attn.__file__).parent / "assets" / "smollm2-135m.safetensors"
+    assert path.stat().st_size < 5 * 2**20
+    geometry = ModelGeometry("llama", num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_positions=8192)
+    hasher = load_hasher(path, geometry)
+    assert hasher.bits == 128 and hasher.layers == tuple(range(2, 30))
+    assert read_header(path)["training"]["finished_layers"] == list(range(2, 30))
+    codes = hasher.key_codes(5, torch.randn(1, 3, 7, 64))
+    assert codes.shape == (1, 3, 7, 4) and codes.dtype == torch.int32
