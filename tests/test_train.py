@@ -304,3 +304,25 @@ def test_torchrun_cli_two_ranks_real_model(tmp_path):
     header = read_header(out)
     assert header["training"]["finished_layers"] == list(range(2, 30))
     assert (tmp_path / "h.safetensors.rank0").exists() and (tmp_path / "h.safetensors.rank1").exists()
+
+
+def test_chunks_fingerprint_sees_the_shape():
+    from spotlight_attn.data import chunks_fingerprint
+
+    tokens = torch.arange(64)
+    assert chunks_fingerprint(tokens.reshape(2, 32)) != chunks_fingerprint(tokens.reshape(4, 16))
+    assert chunks_fingerprint(tokens.reshape(2, 32)) == chunks_fingerprint(tokens.reshape(2, 32).clone())
+    assert chunks_fingerprint(tokens.reshape(2, 32)) != chunks_fingerprint((tokens + 1).reshape(2, 32))
+
+
+def test_selection_quality_against_hand_counts():
+    from spotlight_attn.metrics import selection_quality
+
+    truth = torch.tensor([[[True, True, False, False, False]]])
+    picked = torch.tensor([[[True, False, True, False, False]]])
+    probs = torch.tensor([[[1.0, 0.5, 0.25, 0.25, 0.0]]])  # sums to G = 2
+    iou, mass = selection_quality(picked, truth, probs, group=2)
+    assert iou.item() == pytest.approx(1 / 3)  # one shared of three distinct
+    assert mass.item() == pytest.approx((1.0 + 0.25) / 2)
+    iou, mass = selection_quality(truth, truth, probs, group=2)
+    assert iou.item() == 1.0 and mass.item() == pytest.approx(0.75)

@@ -162,5 +162,8 @@ def load_chunks(
 
 
 def chunks_fingerprint(chunks: torch.Tensor) -> str:
-    """A short digest of token chunks: recordings and resumed runs check they see the same data."""
-    return hashlib.sha256(chunks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    """A short digest of token chunks and their shape (the same tokens cut 2 x 4096 or 4 x 2048 are
+    different contexts): recordings and resumed runs check they see the same data."""
+    digest = hashlib.sha256(repr(tuple(chunks.shape)).encode())
+    digest.update(chunks.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -26,6 +26,7 @@ import torch
 
 from spotlight_attn.config import Budget, Method
 from spotlight_attn.selection.selectors import HashSelector, OracleSelector
+from spotlight_attn.selection.topk import selected_mask
 
 log = logging.getLogger(__name__)
 ORACLE = "oracle"
@@ -41,11 +42,16 @@ class LogitSelector(OracleSelector):
         return q @ layer.keys.float().transpose(-1, -2)  # [B, Hkv, S, T]
 
 
-def _selected_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
-    """indices [B, H, k] int64 (-1 = unused) -> [B, H, length] bool."""
-    mask = torch.zeros(*indices.shape[:2], length + 1, dtype=torch.bool, device=indices.device)
-    mask.scatter_(-1, indices.masked_fill(indices < 0, length), True)
-    return mask[..., :length]
+def selection_quality(picked: torch.Tensor, truth: torch.Tensor, probs: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU with the true set and attention-mass recall of one selection, per row.
+
+    picked, truth: [B, H, T] bool masks; probs [B, H, T]: group-summed softmax probability (summing to
+    `group` over a row). Returns (iou [B, H], mass [B, H]): |picked AND truth| / |picked OR truth| and
+    the probability on the picked keys / group (dense = 1).
+    """
+    iou = (picked & truth).sum(-1) / (picked | truth).sum(-1).clamp(min=1)
+    mass = (probs * picked).sum(-1) / group
+    return iou, mass
 
 
 def layer_quality(
@@ -72,16 +78,15 @@ def layer_quality(
         valid = torch.arange(length, device=keys.device)[None, :] <= pos[:, None]  # [b, L]
         state = SimpleNamespace(keys=keys[None].float().expand(b, -1, -1, -1), key_valid=valid, layer_idx=layer_idx)
         probs = oracle.scores(query, state, scaling)  # [b, Hkv, L]: group-summed softmax
-        truth = _selected_mask(oracle.select(query, state, budget, scaling), length)
+        truth = selected_mask(oracle.select(query, state, budget, scaling), length)
         picks = {ORACLE: truth}
         if logit:
-            picks[LOGIT] = _selected_mask(LogitSelector().select(query, state, budget, scaling), length)
+            picks[LOGIT] = selected_mask(LogitSelector().select(query, state, budget, scaling), length)
         for name, selector in hash_selectors.items():
             state.codes = key_codes[name].expand(b, -1, -1, -1)
-            picks[name] = _selected_mask(selector.select(query, state, budget, scaling), length)
+            picks[name] = selected_mask(selector.select(query, state, budget, scaling), length)
         for name, picked in picks.items():
-            iou = (picked & truth).sum(-1) / (picked | truth).sum(-1).clamp(min=1)  # [b, Hkv]
-            mass = (probs * picked).sum(-1) / (hq // hkv)  # [b, Hkv]
+            iou, mass = selection_quality(picked, truth, probs, hq // hkv)  # [b, Hkv] each
             sums[name][0] += float(iou.sum())
             sums[name][1] += float(mass.sum())
     count = positions.numel() * hkv

@@ -61,7 +61,11 @@ def run(args) -> int:
     if distributed:  # under torchrun: ranks split the layers, rank 0 merges (see train/trainer.py)
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+        on_cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+        if on_cuda:  # one GPU per rank: rank r of a node trains on cuda:LOCAL_RANK
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(torch.device(args.device))
+        dist.init_process_group("nccl" if on_cuda else "gloo")
     start = time.perf_counter()
     out = train_hasher(
         args.model, args.data, args.out, bits=args.bits, placement=args.placement, budget=args.budget, steps=args.steps, width=args.width, depth=args.depth,

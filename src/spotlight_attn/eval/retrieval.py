@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spotlight_attn.eval.common import MethodSpec, Methods, decode_tokens, dense_prefill, new_results, runs
+from spotlight_attn.metrics import selection_quality
 from spotlight_attn.selection.selectors import OracleSelector, Selector
 from spotlight_attn.selection.topk import select_topk, selected_mask
 
@@ -49,8 +50,7 @@ class ProbeSelector(Selector):
         truth = select_topk(probs, layer.key_valid, budget)
         length = layer.keys.shape[2]
         chosen, true = selected_mask(picked, length), selected_mask(truth, length)
-        iou = (chosen & true).sum(-1) / (chosen | true).sum(-1).clamp(min=1)  # [B, Hkv]
-        mass = (probs * chosen).sum(-1) / (query.shape[1] // layer.keys.shape[1])  # [B, Hkv]
+        iou, mass = selection_quality(chosen, true, probs, query.shape[1] // layer.keys.shape[1])  # [B, Hkv] each
         i = layer.layer_idx
         self.totals.iou[i] += iou.double().sum(0).cpu()
         self.totals.mass[i] += mass.double().sum(0).cpu()

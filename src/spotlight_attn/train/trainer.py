@@ -206,7 +206,7 @@ def train_hasher(
             raise SpotlightError("text data needs a tokenizer: pass a model spec or (model, tokenizer)")
         specs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         chunks = torch.cat([load_chunks(spec, tokenizer, chunk_len, num_chunks, split="train", seed=config.seed) for spec in specs])
-    data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"  # the digest alone ignores the chunk length
+    data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"  # shape repeated, readable in the header
     key = hashlib.sha256((model_fingerprint(model) + data_id).encode()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "qk" / key
 
