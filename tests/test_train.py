@@ -326,3 +326,17 @@ def test_selection_quality_against_hand_counts():
     assert mass.item() == pytest.approx((1.0 + 0.25) / 2)
     iou, mass = selection_quality(truth, truth, probs, group=2)
     assert iou.item() == 1.0 and mass.item() == pytest.approx(0.75)
+
+
+def test_parquet_corpus_reads_the_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first doc", None, "third doc"], "id": [1, 2, 3]}), tmp_path / "c.parquet")
+    docs = list(iter_documents(tmp_path / "c.parquet"))
+    assert [text for _, text in docs] == ["first doc", "", "third doc"]
+    assert len({doc_id for doc_id, _ in docs}) == 3  # one id per row: splits are by row
+    assert [text for _, text in iter_documents(tmp_path)] == ["first doc", "", "third doc"]  # found in a folder
+    pq.write_table(pa.table({"body": ["no text column"]}), tmp_path / "bad.parquet")
+    with pytest.raises(SpotlightError, match="bad.parquet.*'text' column"):
+        list(iter_documents(tmp_path / "bad.parquet"))

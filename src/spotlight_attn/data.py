@@ -91,7 +91,10 @@ def _file_documents(path: Path) -> Iterator[Document]:
             import pyarrow.parquet as pq
         except ImportError:
             raise SpotlightError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(path, columns=["text"])
+        try:
+            table = pq.read_table(path, columns=["text"])
+        except Exception as error:  # pyarrow raises several kinds (no such column, not a parquet file)
+            raise SpotlightError(f"{path}: cannot read a 'text' column from this parquet file ({error})") from None
         for i, text in enumerate(table.column("text").to_pylist()):
             yield f"{path}:{i}", text or ""
     else:
