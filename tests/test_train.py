@@ -340,3 +340,24 @@ def test_parquet_corpus_reads_the_text_column(tmp_path):
     pq.write_table(pa.table({"body": ["no text column"]}), tmp_path / "bad.parquet")
     with pytest.raises(SpotlightError, match="bad.parquet.*'text' column"):
         list(iter_documents(tmp_path / "bad.parquet"))
+
+
+def test_real_query_scores_against_brute_force():
+    from types import SimpleNamespace
+
+    from spotlight_attn.metrics import RealQuerySelector
+    from spotlight_attn.config import Method
+
+    hasher = LinearHasher(GEOMETRY, bits=40, layers=[1])
+    keys = torch.randn(1, 2, 13, 16)
+    query = torch.randn(1, 6, 1, 16)
+    layer = SimpleNamespace(keys=keys, codes=hasher.key_codes(1, keys), key_valid=torch.ones(1, 13, dtype=torch.bool), layer_idx=1)
+    scores = RealQuerySelector(hasher, Method.LINEAR).scores(query, layer, 16**-0.5)  # [1, Hkv, T]
+    q = hasher.hash_queries(1, query)[0, :, 0]  # [Hq, bits] real
+    k = torch.sign(hasher.hash_keys(1, keys)[0])  # [Hkv, T, bits]
+    for h in range(2):
+        for t in range(13):
+            expected = sum(float(q[j] @ k[h, t]) for j in range(3 * h, 3 * h + 3))
+            assert scores[0, h, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    picked = RealQuerySelector(hasher, Method.LINEAR).select(query, layer, Budget(1.0, 0, 0, 0), 16**-0.5)
+    assert sorted(picked[0, 0].tolist()) == list(range(13))

@@ -26,7 +26,8 @@ import torch
 
 from spotlight_attn.config import Budget, Method
 from spotlight_attn.selection.selectors import HashSelector, OracleSelector
-from spotlight_attn.selection.topk import selected_mask
+from spotlight_attn.kernels.pack import unpack_bits
+from spotlight_attn.selection.topk import select_topk, selected_mask
 
 log = logging.getLogger(__name__)
 ORACLE = "oracle"
@@ -40,6 +41,23 @@ class LogitSelector(OracleSelector):
         b, hq, s, d = query.shape
         q = query.reshape(b, layer.keys.shape[1], hq // layer.keys.shape[1], s, d).float().sum(2)  # [B, Hkv, S, D]
         return q @ layer.keys.float().transpose(-1, -2)  # [B, Hkv, S, T]
+
+
+class RealQuerySelector(HashSelector):
+    """Asymmetric scoring (an experiment, not a decode path): the query's pre-sign hash, real-valued and
+    summed over the GQA group, dotted with the keys' +-1 codes. Key codes are unchanged; only the
+    query side keeps its magnitudes, so fewer keys tie at the budget's boundary."""
+
+    def scores_rows(self, query, layer, scaling, row_valid):
+        hkv = layer.codes.shape[1]
+        with torch.no_grad():
+            q = self.hasher.hash_queries(layer.layer_idx, query).float()  # [B, Hq, S, bits]
+        q = q.unflatten(1, (hkv, -1)).sum(2)  # [B, Hkv, S, bits]
+        k = unpack_bits(layer.codes, self.hasher.bits).float() * 2 - 1  # [B, Hkv, T, bits]
+        return q @ k.transpose(-1, -2)  # [B, Hkv, S, T]
+
+    def select(self, query, layer, budget, scaling):
+        return select_topk(self.scores(query, layer, scaling), layer.key_valid, budget)
 
 
 def selection_quality(picked: torch.Tensor, truth: torch.Tensor, probs: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,12 +74,13 @@ def selection_quality(picked: torch.Tensor, truth: torch.Tensor, probs: torch.Te
 
 def layer_quality(
     queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, positions: torch.Tensor, budget: Budget,
-    hashers: dict, batch: int = 16, logit: bool = True,
+    hashers: dict, batch: int = 16, logit: bool = True, real_query: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """queries [Hq, L, D], keys [Hkv, L, D] of one chunk, positions [Nq] -> {method: (IoU, mass recall)} means.
 
     `hashers` maps a method name to an MLPHasher / LinearHasher covering `layer_idx`; the oracle is
     always included under "oracle", and the logit oracle under "logit" when `logit` is set.
+    `real_query` adds "<name>_realq" for each hasher: RealQuerySelector on the same key codes.
     """
     hq, length, d = queries.shape
     hkv = keys.shape[0]
@@ -69,8 +88,11 @@ def layer_quality(
     oracle = OracleSelector()
     hash_selectors = {name: HashSelector(h, Method.SPOTLIGHT) for name, h in hashers.items()}
     key_codes = {name: h.key_codes(layer_idx, keys[None].float()) for name, h in hashers.items()}  # [1, Hkv, L, W]
+    if real_query:
+        hash_selectors.update({f"{name}_realq": RealQuerySelector(h, Method.SPOTLIGHT) for name, h in hashers.items()})
+        key_codes.update({f"{name}_realq": codes for name, codes in key_codes.items()})
     extra = [LOGIT] if logit else []
-    sums = {name: [0.0, 0.0] for name in [ORACLE, *extra, *hashers]}
+    sums = {name: [0.0, 0.0] for name in [ORACLE, *extra, *hash_selectors]}
     for start in range(0, positions.numel(), batch):
         pos = positions[start : start + batch]  # [b]
         b = pos.numel()
@@ -96,6 +118,7 @@ def layer_quality(
 def evaluate_retrieval(
     model, chunks: torch.Tensor, hashers: dict, budgets: list[float], layers: list[int], queries_per_chunk: int = 64,
     min_position: int = 2048, seed: int = 0, folder: str | Path | None = None, progress: bool = True, logit: bool = True,
+    real_query: bool = False,
 ) -> dict:
     """Mean IoU / mass per (budget, method, layer) over sampled query positions >= min_position.
 
@@ -125,7 +148,7 @@ def evaluate_retrieval(
         queries, keys = load_layer(folder, layer, chunks.shape[0])
         for amount in budgets:
             budget = Budget(amount)
-            per_chunk = [layer_quality(queries[n], keys[n], layer, positions[n], budget, hashers, logit=logit) for n in range(chunks.shape[0])]
+            per_chunk = [layer_quality(queries[n], keys[n], layer, positions[n], budget, hashers, logit=logit, real_query=real_query) for n in range(chunks.shape[0])]
             for name in per_chunk[0]:
                 iou = sum(r[name][0] for r in per_chunk) / len(per_chunk)
                 mass = sum(r[name][1] for r in per_chunk) / len(per_chunk)
@@ -201,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="write a PNG of IoU and mass per layer at the first budget (needs matplotlib)")
     parser.add_argument("--no-logit", action="store_true", help="leave out the logit oracle (group-summed q.k top-k)")
+    parser.add_argument("--layers", type=int, nargs="*", help="only these layers (default: every sparse layer)")
+    parser.add_argument("--real-query", action="store_true",
+                        help="also score each hasher with a real-valued query against the key codes (<name>_realq)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model, tokenizer = load_model(args.model, device="cpu")
     geometry = ModelGeometry.from_model(model)
-    layers = [i for i in range(geometry.num_layers) if i not in args.dense_layers]
+    layers = args.layers or [i for i in range(geometry.num_layers) if i not in args.dense_layers]
     hashers = {}
     for item in args.hasher:
         name, _, path = item.partition("=")
@@ -215,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         hashers[f"simhash{bits}"] = LinearHasher(geometry, bits=bits, layers=layers)
     chunks = load_chunks(args.data, tokenizer, args.chunk_len, args.chunks, split="all")
     results = evaluate_retrieval(model, chunks, hashers, args.budgets, layers, args.queries, args.min_position,
-                                 logit=not args.no_logit)
+                                 logit=not args.no_logit, real_query=args.real_query)
     print(format_table(results, layers))
     if args.json:
         args.json.write_text(json.dumps({str(b): r for b, r in results.items()}, indent=1))
