@@ -96,3 +96,14 @@ def test_needle_tasks_on_the_real_tokenizer_and_the_shipped_hasher(smollm2):
     scores = {row["method"]: row["score"] for row in results["rows"]}
     assert scores == {"dense": 1.0, "spotlight": 1.0}, results["rows"]
     sa.disable(model)
+
+
+def test_spotlight_demo_defaults_answer_with_the_shipped_hasher(smollm2, capsys):
+    """`spotlight demo`'s defaults (the shipped learned hash at 10%) answer like dense; a shorter prompt
+    than README's 3000 tokens keeps the suite quick."""
+    from spotlight_attn.cli.main import main
+
+    assert main(["demo", "--context-tokens", "1500", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "spotlight (128-bit learned hash smollm2-135m.safetensors), budget 10% of the cache" in out, out
+    assert out.count("-> correct") == 2, out
