@@ -26,7 +26,6 @@ import torch
 
 from spotlight_attn.config import Budget, Method
 from spotlight_attn.selection.selectors import HashSelector, OracleSelector
-from spotlight_attn.kernels.pack import unpack_bits
 from spotlight_attn.selection.topk import select_topk, selected_mask
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,8 @@ class RealQuerySelector(HashSelector):
     query side keeps its magnitudes, so fewer keys tie at the budget's boundary."""
 
     def scores_rows(self, query, layer, scaling, row_valid):
-        hkv = layer.codes.shape[1]
         with torch.no_grad():
-            q = self.hasher.hash_queries(layer.layer_idx, query).float()  # [B, Hq, S, bits]
-        q = q.unflatten(1, (hkv, -1)).sum(2)  # [B, Hkv, S, bits]
-        k = unpack_bits(layer.codes, self.hasher.bits).float() * 2 - 1  # [B, Hkv, T, bits]
-        return q @ k.transpose(-1, -2)  # [B, Hkv, S, T]
+            return self.group_dot(self.hasher.hash_queries(layer.layer_idx, query).float(), layer)  # [B, Hkv, S, T]
 
     def select(self, query, layer, budget, scaling):
         return select_topk(self.scores(query, layer, scaling), layer.key_valid, budget)

@@ -99,12 +99,17 @@ class HashSelector(Selector):
             return hamming_scores(codes, layer.codes, self.hasher.bits)[:, :, None]
         # Many rows: agreeing bits of +-1 codes are (bits + q.k) / 2, so the group sum is one matmul,
         # exact in float32 (every partial sum is an integer below 2**24).
-        bits, hkv = self.hasher.bits, layer.codes.shape[1]
-        q = unpack_bits(codes, bits).float() * 2 - 1  # [B, Hq, S, bits]
-        q = q.unflatten(1, (hkv, -1)).sum(2)  # [B, Hkv, S, bits]: the group's sum
-        k = unpack_bits(layer.codes, bits).float() * 2 - 1  # [B, Hkv, T, bits]
-        group = codes.shape[1] // hkv
-        return ((q @ k.transpose(-1, -2) + group * bits) / 2).round().to(torch.int32)  # [B, Hkv, S, T]
+        bits = self.hasher.bits
+        group = codes.shape[1] // layer.codes.shape[1]
+        dot = self.group_dot(unpack_bits(codes, bits).float() * 2 - 1, layer)
+        return ((dot + group * bits) / 2).round().to(torch.int32)  # [B, Hkv, S, T]
+
+    def group_dot(self, query_bits: torch.Tensor, layer: SpotlightLayer) -> torch.Tensor:
+        """query_bits [B, Hq, S, bits] float -> sum over each GQA group of query_bits . (+-1 key codes): [B, Hkv, S, T]."""
+        hkv = layer.codes.shape[1]
+        q = query_bits.unflatten(1, (hkv, -1)).sum(2)  # [B, Hkv, S, bits]: the group's sum
+        k = unpack_bits(layer.codes, self.hasher.bits).float() * 2 - 1  # [B, Hkv, T, bits]
+        return q @ k.transpose(-1, -2)
 
     def select(self, query, layer, budget, scaling):
         query_codes = self.hasher.query_codes(layer.layer_idx, query)  # [B, Hq, 1, W]
