@@ -26,16 +26,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=64, help="hidden width of each residual MLP block")
     parser.add_argument("--depth", type=int, default=2, help="residual MLP blocks per head")
     parser.add_argument("--budget", type=float, default=0.1, help="training budget: fraction of the past in the true set")
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per layer")
-    parser.add_argument("--chunks", type=int, default=16, help="training chunks to record from each --data source")
-    parser.add_argument("--chunk-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per layer")
+    parser.add_argument("--chunks", type=int, default=8, help="training chunks to record from each --data source")
+    parser.add_argument("--chunk-len", type=int, default=4096, help="tokens per chunk: train at the context lengths you serve")
     parser.add_argument("--queries", type=int, default=128, help="query positions sampled per step")
     parser.add_argument("--top", type=int, default=32, help="true-top keys sampled per query")
     parser.add_argument("--others", type=int, default=64, help="other keys sampled per query (half near the boundary)")
     parser.add_argument("--mass-weight", type=float, default=0.5, help="0..1: weight pairs by the attention mass a swap loses")
     parser.add_argument("--straight-through", action="store_true", help="hard codes forward, soft gradient backward")
     parser.add_argument("--gain", type=float, default=8.0, help="soft-sign gain g in s = g h / (1 + |g h|) (8 measured better than 64)")
-    parser.add_argument("--min-position", type=int, default=64, help="sampled training queries see at least this many keys")
+    parser.add_argument("--min-position", type=int, default=None,
+                        help="sampled training queries see at least this many keys (default: a quarter of --chunk-len)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if any)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 avoids oversubscription on busy machines)")
@@ -55,7 +56,7 @@ def run(args) -> int:
     sampling = PairSampling(
         num_queries=args.queries, num_top=args.top, num_other=args.others, num_hard=args.others // 2,
         mass_weight=args.mass_weight, straight_through=args.straight_through, gain=args.gain,
-        min_position=args.min_position,
+        min_position=args.chunk_len // 4 if args.min_position is None else args.min_position,
     )
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # under torchrun: ranks split the layers, rank 0 merges (see train/trainer.py)
