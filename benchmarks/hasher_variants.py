@@ -1,0 +1,74 @@
+"""Hasher training variants on three layers (3, 13, 23) of SmolLM2-135M, against the shipped hasher.
+
+    OMP_NUM_THREADS=1 python benchmarks/hasher_variants.py
+
+Trains, with the shipped recipe otherwise (400 steps, 8 x 4096 stdlib tokens, gain 8, queries past
+position 1024): `depth4` (four residual blocks instead of two) and `realq_trained` (the loss scores
+the real-valued query hash against soft key codes, the scoring `metrics --real-query` measures).
+Each layer's seed depends only on (seed, layer), so the shipped hasher's layers 3, 13, 23 are what
+the shipped recipe gives here. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
+chunk past position 2048) at 10% and 2%, each hasher scored by Hamming and by real-valued query.
+About 30 min on one CPU core. Figures in docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+import spotlight_attn.train.loss as loss_module
+from spotlight_attn.config import PairSampling, TrainConfig
+from spotlight_attn.data import chunks_fingerprint, load_chunks
+from spotlight_attn.hashing import load_hasher
+from spotlight_attn.metrics import evaluate_retrieval, format_table
+from spotlight_attn.models import ModelGeometry, default_cache_dir, load_model
+from spotlight_attn.train.record import model_fingerprint, record_qk
+from spotlight_attn.train.trainer import train_layers
+
+LAYERS = [3, 13, 23]
+SHIPPED = "src/spotlight_attn/assets/smollm2-135m.safetensors"
+soft_codes = loss_module.soft_codes
+
+
+def real_query_codes(hasher, layer, queries, keys, sampling):
+    """The training codes with the query hash left real-valued (keys keep their soft sign)."""
+    _, soft_keys = soft_codes(hasher, layer, queries, keys, sampling)
+    return hasher.hash_queries(layer, queries[None])[0], soft_keys
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    geometry = ModelGeometry.from_model(model)
+    chunks = load_chunks("stdlib", tokenizer, 4096, 8, split="train", seed=0)
+    data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"
+    folder = default_cache_dir() / "qk" / hashlib.sha256((model_fingerprint(model) + data_id).encode()).hexdigest()[:16]
+    start = time.perf_counter()
+    record_qk(model, chunks, folder)
+    print(f"record: {time.perf_counter() - start:.0f} s", flush=True)
+    recipe = dict(steps=400, sampling=PairSampling(gain=8.0, min_position=1024))
+    variants = {"depth4": (dict(depth=4), soft_codes), "realq_trained": ({}, real_query_codes)}
+    hashers = {}
+    for name, (overrides, codes) in variants.items():
+        out = Path("hasher-variants") / f"{name}.safetensors"
+        out.parent.mkdir(exist_ok=True)
+        out.unlink(missing_ok=True)
+        loss_module.soft_codes = codes  # ranking_loss looks soft_codes up in its module
+        start = time.perf_counter()
+        try:
+            train_layers(geometry, folder, chunks.shape[0], TrainConfig(**recipe, **overrides), out, data_id, layers=LAYERS, progress=False)
+        finally:
+            loss_module.soft_codes = soft_codes
+        print(f"train {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        hashers[name] = load_hasher(out, model)
+    hashers["shipped"] = load_hasher(SHIPPED, model)
+    heldout = load_chunks("kjv", tokenizer, 4096, 4, split="all")
+    results = evaluate_retrieval(model, heldout, hashers, [0.1, 0.02], LAYERS, 32, 2048, logit=False, real_query=True, progress=False)
+    print(format_table(results, LAYERS))
+
+
+if __name__ == "__main__":
+    main()
