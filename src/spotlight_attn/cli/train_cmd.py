@@ -48,6 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     import torch
 
+    from spotlight_attn.errors import SpotlightError
     from spotlight_attn.hashing import load_hasher
     from spotlight_attn.train import PairSampling, train_hasher
 
@@ -64,7 +65,13 @@ def run(args) -> int:
 
         on_cuda = torch.cuda.is_available() and args.device in (None, "cuda")
         if on_cuda:  # one GPU per rank: rank r of a node trains on cuda:LOCAL_RANK
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise SpotlightError(
+                    f"torchrun started rank {local_rank} on a node with {gpus} GPU(s): use --nproc_per_node {gpus} "
+                    "or less, or --device cpu (ranks on the CPU use gloo)"
+                )
+            args.device = f"cuda:{local_rank}"
             torch.cuda.set_device(torch.device(args.device))
         dist.init_process_group("nccl" if on_cuda else "gloo")
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -33,6 +34,8 @@ from spotlight_attn.hashing.hasher import MLPHasher
 from spotlight_attn.models import ModelGeometry
 from spotlight_attn.train.loss import ranking_loss, sample_pairs
 from spotlight_attn.train.record import load_layer, model_fingerprint, record_qk
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
@@ -215,11 +218,13 @@ def train_hasher(
     record_qk(model, chunks, folder, progress=progress and rank == 0, indices=list(range(rank, chunks.shape[0], world)))
     out = Path(out)
     if not distributed:
+        log.info("training layers on %s", device)
         return train_layers(geometry, folder, chunks.shape[0], config, out, data_id, device=device, progress=progress,
                             on_layer_done=on_layer_done)
     dist.barrier()  # every chunk recorded
     sparse = [i for i in range(geometry.num_layers) if i not in config.dense_layers]
     part = out.with_name(f"{out.name}.rank{rank}")
+    log.info("rank %d of %d trains layers %s on %s", rank, world, sparse[rank::world], device)
     train_layers(geometry, folder, chunks.shape[0], config, part, data_id, layers=sparse[rank::world], device=device,
                  progress=progress and rank == 0, on_layer_done=on_layer_done, log_dir=out.parent / f"{out.stem}.logs")
     dist.barrier()  # every rank's layers written
