@@ -1,10 +1,11 @@
 """Hasher training variants on three layers (3, 13, 23) of SmolLM2-135M, against the shipped hasher.
 
-    OMP_NUM_THREADS=1 python benchmarks/hasher_variants.py
+    OMP_NUM_THREADS=1 python benchmarks/hasher_variants.py [--variants depth4 realq_trained chunks16]
 
 Trains, with the shipped recipe otherwise (400 steps, 8 x 4096 stdlib tokens, gain 8, queries past
 position 1024): `depth4` (four residual blocks instead of two) and `realq_trained` (the loss scores
-the real-valued query hash against soft key codes, the scoring `metrics --real-query` measures).
+the real-valued query hash against soft key codes, the scoring `metrics --real-query` measures);
+`chunks16` (16 training chunks instead of 8).
 Each layer's seed depends only on (seed, layer), so the shipped hasher's layers 3, 13, 23 are what
 the shipped recipe gives here. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
 chunk past position 2048) at 10% and 2%, each hasher scored by Hamming and by real-valued query.
@@ -13,6 +14,7 @@ About 30 min on one CPU core. Figures in docs/TRAINING.md.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import time
 from pathlib import Path
@@ -39,27 +41,43 @@ def real_query_codes(hasher, layer, queries, keys, sampling):
     return hasher.hash_queries(layer, queries[None])[0], soft_keys
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    model, tokenizer = load_model("smollm2-135m", device="cpu")
-    geometry = ModelGeometry.from_model(model)
-    chunks = load_chunks("stdlib", tokenizer, 4096, 8, split="train", seed=0)
+VARIANTS = {  # name: (TrainConfig overrides, training codes, training chunks)
+    "depth4": (dict(depth=4), soft_codes, 8),
+    "realq_trained": ({}, real_query_codes, 8),
+    "chunks16": ({}, soft_codes, 16),
+}
+
+
+def record(model, tokenizer, num_chunks: int) -> tuple[Path, str, int]:
+    """Record the stdlib training chunks (reused when already there): (folder, data id, chunks)."""
+    chunks = load_chunks("stdlib", tokenizer, 4096, num_chunks, split="train", seed=0)
     data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"
     folder = default_cache_dir() / "qk" / hashlib.sha256((model_fingerprint(model) + data_id).encode()).hexdigest()[:16]
     start = time.perf_counter()
     record_qk(model, chunks, folder)
-    print(f"record: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"record {num_chunks} chunks: {time.perf_counter() - start:.0f} s", flush=True)
+    return folder, data_id, chunks.shape[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["depth4", "realq_trained"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    geometry = ModelGeometry.from_model(model)
     recipe = dict(steps=400, sampling=PairSampling(gain=8.0, min_position=1024))
-    variants = {"depth4": (dict(depth=4), soft_codes), "realq_trained": ({}, real_query_codes)}
     hashers = {}
-    for name, (overrides, codes) in variants.items():
+    for name in args.variants:
+        overrides, codes, num_chunks = VARIANTS[name]
+        folder, data_id, num_chunks = record(model, tokenizer, num_chunks)
         out = Path("hasher-variants") / f"{name}.safetensors"
         out.parent.mkdir(exist_ok=True)
         out.unlink(missing_ok=True)
         loss_module.soft_codes = codes  # ranking_loss looks soft_codes up in its module
         start = time.perf_counter()
         try:
-            train_layers(geometry, folder, chunks.shape[0], TrainConfig(**recipe, **overrides), out, data_id, layers=LAYERS, progress=False)
+            train_layers(geometry, folder, num_chunks, TrainConfig(**recipe, **overrides), out, data_id, layers=LAYERS, progress=False)
         finally:
             loss_module.soft_codes = soft_codes
         print(f"train {name}: {time.perf_counter() - start:.0f} s", flush=True)
