@@ -1,11 +1,12 @@
 """Hasher training variants on three layers (3, 13, 23) of SmolLM2-135M, against the shipped hasher.
 
-    OMP_NUM_THREADS=1 python benchmarks/hasher_variants.py [--variants depth4 realq_trained chunks16]
+    OMP_NUM_THREADS=1 python benchmarks/hasher_variants.py [--variants NAME ...]
 
 Trains, with the shipped recipe otherwise (400 steps, 8 x 4096 stdlib tokens, gain 8, queries past
 position 1024): `depth4` (four residual blocks instead of two) and `realq_trained` (the loss scores
 the real-valued query hash against soft key codes, the scoring `metrics --real-query` measures);
-`chunks16` (16 training chunks instead of 8).
+`chunks16` (16 training chunks instead of 8); `pydocs` (the Python docs' prose instead of code);
+`stdlib_pydocs` (8 chunks of each).
 Each layer's seed depends only on (seed, layer), so the shipped hasher's layers 3, 13, 23 are what
 the shipped recipe gives here. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
 chunk past position 2048) at 10% and 2%, each hasher scored by Hamming and by real-valued query.
@@ -41,21 +42,24 @@ def real_query_codes(hasher, layer, queries, keys, sampling):
     return hasher.hash_queries(layer, queries[None])[0], soft_keys
 
 
-VARIANTS = {  # name: (TrainConfig overrides, training codes, training chunks)
-    "depth4": (dict(depth=4), soft_codes, 8),
-    "realq_trained": ({}, real_query_codes, 8),
-    "chunks16": ({}, soft_codes, 16),
+VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, chunks from each)
+    "depth4": (dict(depth=4), soft_codes, ["stdlib"], 8),
+    "realq_trained": ({}, real_query_codes, ["stdlib"], 8),
+    "chunks16": ({}, soft_codes, ["stdlib"], 16),
+    "pydocs": ({}, soft_codes, ["pydocs"], 8),
+    "stdlib_pydocs": ({}, soft_codes, ["stdlib", "pydocs"], 8),
 }
 
 
-def record(model, tokenizer, num_chunks: int) -> tuple[Path, str, int]:
-    """Record the stdlib training chunks (reused when already there): (folder, data id, chunks)."""
-    chunks = load_chunks("stdlib", tokenizer, 4096, num_chunks, split="train", seed=0)
+def record(model, tokenizer, corpora: list[str], num_chunks: int) -> tuple[Path, str, int]:
+    """Record the training chunks (reused when already there), as `spotlight train --data ...` cuts
+    them: (folder, data id, chunks)."""
+    chunks = torch.cat([load_chunks(spec, tokenizer, 4096, num_chunks, split="train", seed=0) for spec in corpora])
     data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"
     folder = default_cache_dir() / "qk" / hashlib.sha256((model_fingerprint(model) + data_id).encode()).hexdigest()[:16]
     start = time.perf_counter()
     record_qk(model, chunks, folder)
-    print(f"record {num_chunks} chunks: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"record {'+'.join(corpora)} x {num_chunks} chunks: {time.perf_counter() - start:.0f} s", flush=True)
     return folder, data_id, chunks.shape[0]
 
 
@@ -69,8 +73,8 @@ def main() -> None:
     recipe = dict(steps=400, sampling=PairSampling(gain=8.0, min_position=1024))
     hashers = {}
     for name in args.variants:
-        overrides, codes, num_chunks = VARIANTS[name]
-        folder, data_id, num_chunks = record(model, tokenizer, num_chunks)
+        overrides, codes, corpora, num_chunks = VARIANTS[name]
+        folder, data_id, num_chunks = record(model, tokenizer, corpora, num_chunks)
         out = Path("hasher-variants") / f"{name}.safetensors"
         out.parent.mkdir(exist_ok=True)
         out.unlink(missing_ok=True)

@@ -234,6 +234,12 @@ def test_stdlib_corpus_is_offline():
     assert doc_id.startswith("stdlib:") and text
 
 
+def test_pydocs_corpus_is_offline_prose():
+    docs = list(iter_documents("pydocs"))
+    assert len(docs) > 50 and all(doc_id.startswith("pydocs:") for doc_id, _ in docs)
+    assert sum(len(text) for _, text in docs) > 200_000  # enough for several 4096-token chunks
+
+
 def _layer_parallel_worker(rank: int, world: int, init_file: str, tmp: str):
     import torch.distributed as dist
 

@@ -9,7 +9,9 @@ A data spec (`D` in the CLI) is one of
     "stdlib"   the Python standard library's .py sources (sysconfig's `stdlib` path): code;
     "kjv"      the King James Bible, English prose: Debian's `bible-kjv-text`
                (read through its `bible` program; `apt-get install bible-kjv-text`);
-    "licenses" the licence texts under /usr/share/common-licenses and Python's LICENSE: legal prose.
+    "licenses" the licence texts under /usr/share/common-licenses and Python's LICENSE: legal prose;
+    "pydocs"   the Python reference docs' topics (the standard library's pydoc_data): technical prose
+               with some code. The needle tasks' filler comes from the same text.
 
 Splits are by document: a document's id (its path, or path:line) is hashed with the split seed,
 and that hash alone decides whether the document is held out. Train and held-out chunks therefore
@@ -35,7 +37,7 @@ import torch
 from spotlight_attn.errors import SpotlightError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".c", ".h", ".html")
-BUILTIN = ("stdlib", "kjv", "licenses")
+BUILTIN = ("stdlib", "kjv", "licenses", "pydocs")
 Document = tuple[str, str]  # (id, text)
 
 
@@ -77,6 +79,15 @@ def _license_documents() -> Iterator[Document]:
         yield f"license:{path.name}", path.read_text(encoding="utf-8", errors="replace")
 
 
+def _pydocs_documents() -> Iterator[Document]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise SpotlightError("the 'pydocs' corpus needs the standard library module pydoc_data") from None
+    for name in sorted(topics):
+        yield f"pydocs:{name}", topics[name]
+
+
 def _file_documents(path: Path) -> Iterator[Document]:
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
@@ -104,7 +115,7 @@ def _file_documents(path: Path) -> Iterator[Document]:
 def iter_documents(spec: str | os.PathLike) -> Iterator[Document]:
     """(id, text) for every document of a data spec (see the module docstring)."""
     if str(spec) in BUILTIN:
-        yield from {"stdlib": _stdlib_documents, "kjv": _kjv_documents, "licenses": _license_documents}[str(spec)]()
+        yield from {"stdlib": _stdlib_documents, "kjv": _kjv_documents, "licenses": _license_documents, "pydocs": _pydocs_documents}[str(spec)]()
         return
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="train a learned hasher for a model", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="local HF folder, .gguf file, or smollm2-135m")
     parser.add_argument("--data", required=True, nargs="+",
-                        help="text file/folder, .jsonl, .parquet, or stdlib|kjv|licenses; several mix domains (--chunks from each)")
+                        help="text file/folder, .jsonl, .parquet, or stdlib|kjv|licenses|pydocs; several mix domains (--chunks from each)")
     parser.add_argument("--out", required=True, type=Path, help="hasher file to write (and resume from)")
     parser.add_argument("--bits", type=int, default=128)
     parser.add_argument("--placement", choices=("shared", "asymmetric"), default="shared")
