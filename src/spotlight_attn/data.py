@@ -37,7 +37,6 @@ import torch
 from spotlight_attn.errors import SpotlightError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".c", ".h", ".html")
-BUILTIN = ("stdlib", "kjv", "licenses", "pydocs")
 Document = tuple[str, str]  # (id, text)
 
 
@@ -88,6 +87,9 @@ def _pydocs_documents() -> Iterator[Document]:
         yield f"pydocs:{name}", topics[name]
 
 
+BUILTIN = {"stdlib": _stdlib_documents, "kjv": _kjv_documents, "licenses": _license_documents, "pydocs": _pydocs_documents}
+
+
 def _file_documents(path: Path) -> Iterator[Document]:
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
@@ -115,7 +117,7 @@ def _file_documents(path: Path) -> Iterator[Document]:
 def iter_documents(spec: str | os.PathLike) -> Iterator[Document]:
     """(id, text) for every document of a data spec (see the module docstring)."""
     if str(spec) in BUILTIN:
-        yield from {"stdlib": _stdlib_documents, "kjv": _kjv_documents, "licenses": _license_documents, "pydocs": _pydocs_documents}[str(spec)]()
+        yield from BUILTIN[str(spec)]()
         return
     path = Path(spec).expanduser()
     if path.is_dir():
