@@ -16,7 +16,6 @@ About 30 min on one CPU core. Figures in docs/TRAINING.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from spotlight_attn.config import PairSampling, TrainConfig
 from spotlight_attn.data import chunks_fingerprint, load_chunks
 from spotlight_attn.hashing import load_hasher
 from spotlight_attn.metrics import evaluate_retrieval, format_table
-from spotlight_attn.models import ModelGeometry, default_cache_dir, load_model
-from spotlight_attn.train.record import model_fingerprint, record_qk
+from spotlight_attn.models import ModelGeometry, load_model
+from spotlight_attn.train.record import qk_folder, record_qk
 from spotlight_attn.train.trainer import train_layers
 
 LAYERS = [3, 13, 23]
@@ -56,7 +55,7 @@ def record(model, tokenizer, corpora: list[str], num_chunks: int) -> tuple[Path,
     them: (folder, data id, chunks)."""
     chunks = torch.cat([load_chunks(spec, tokenizer, 4096, num_chunks, split="train", seed=0) for spec in corpora])
     data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"
-    folder = default_cache_dir() / "qk" / hashlib.sha256((model_fingerprint(model) + data_id).encode()).hexdigest()[:16]
+    folder = qk_folder(model, chunks)
     start = time.perf_counter()
     record_qk(model, chunks, folder)
     print(f"record {'+'.join(corpora)} x {num_chunks} chunks: {time.perf_counter() - start:.0f} s", flush=True)

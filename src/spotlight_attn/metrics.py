@@ -119,17 +119,12 @@ def evaluate_retrieval(
 
     Returns {budget: {method: {layer: (iou, mass)}}}.
     """
-    import hashlib
-
-    from spotlight_attn.data import chunks_fingerprint
-    from spotlight_attn.models import default_cache_dir
-    from spotlight_attn.train.record import load_layer, model_fingerprint, record_qk
+    from spotlight_attn.train.record import load_layer, qk_folder, record_qk
 
     length = chunks.shape[1]
     if min_position >= length:
         raise ValueError(f"min_position {min_position} must be below the chunk length {length}")
-    key = hashlib.sha256((model_fingerprint(model) + chunks_fingerprint(chunks)).encode()).hexdigest()[:16]
-    folder = Path(folder or default_cache_dir() / "qk" / key)
+    folder = Path(folder) if folder is not None else qk_folder(model, chunks)
     record_qk(model, chunks, folder, progress=progress)
     generator = torch.Generator().manual_seed(seed)
     positions = [

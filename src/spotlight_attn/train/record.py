@@ -15,6 +15,7 @@ Shards already present with the right fingerprint are reused, so an interrupted 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 from spotlight_attn.config import SpotlightConfig
 from spotlight_attn.data import chunks_fingerprint
 from spotlight_attn.hashing.checkpoint import atomic_write
-from spotlight_attn.models import ModelGeometry
+from spotlight_attn.models import ModelGeometry, default_cache_dir
 
 
 def model_fingerprint(model) -> str:
@@ -34,6 +35,12 @@ def model_fingerprint(model) -> str:
     name = getattr(model.config, "_name_or_path", "") or ""
     first = next(model.parameters())
     return json.dumps({"geometry": geometry.to_dict(), "name": name, "p0": float(first.detach().float().sum())}, sort_keys=True)
+
+
+def qk_folder(model, chunks: torch.Tensor, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the q/k shards of `model` over `chunks` [N, L] live: <cache>/qk/<digest of weights and tokens>."""
+    key = hashlib.sha256((model_fingerprint(model) + chunks_fingerprint(chunks)).encode()).hexdigest()[:16]
+    return Path(cache_dir or default_cache_dir()) / "qk" / key
 
 
 def _shard_path(folder: Path, n: int) -> Path:

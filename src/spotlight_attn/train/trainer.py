@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from spotlight_attn.hashing.checkpoint import check_geometry, load_hasher, read_
 from spotlight_attn.hashing.hasher import MLPHasher
 from spotlight_attn.models import ModelGeometry
 from spotlight_attn.train.loss import ranking_loss, sample_pairs
-from spotlight_attn.train.record import load_layer, model_fingerprint, record_qk
+from spotlight_attn.train.record import load_layer, qk_folder, record_qk
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ def train_hasher(
     import torch.distributed as dist
 
     from spotlight_attn.data import chunks_fingerprint, load_chunks
-    from spotlight_attn.models import default_cache_dir, default_device, load_model
+    from spotlight_attn.models import default_device, load_model
 
     config = config or TrainConfig(bits=bits, placement=placement, budget=budget, steps=steps, **overrides)
     tokenizer = None
@@ -210,8 +209,7 @@ def train_hasher(
         specs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         chunks = torch.cat([load_chunks(spec, tokenizer, chunk_len, num_chunks, split="train", seed=config.seed) for spec in specs])
     data_id = f"{chunks_fingerprint(chunks)}:{chunks.shape[0]}x{chunks.shape[1]}"  # shape repeated, readable in the header
-    key = hashlib.sha256((model_fingerprint(model) + data_id).encode()).hexdigest()[:16]
-    folder = Path(cache_dir or default_cache_dir()) / "qk" / key
+    folder = qk_folder(model, chunks, cache_dir)
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
