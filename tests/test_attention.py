@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import spotlight_attn as sa
+from spotlight_attn.compat import cache_argument, output_cache
 from spotlight_attn.attention import read_fraction
 from spotlight_attn.config import HasherConfig, SpotlightConfig
 from spotlight_attn.errors import HasherMismatchError, SpotlightError, UnsupportedModelError
@@ -63,12 +64,12 @@ def test_full_budget_decode_logits_match_dense(family, hq, hkv, d):
 
     def run():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        cache, logits, m = out.past_key_values, [out.logits[:, -1]], mask
+        cache, logits, m = output_cache(out), [out.logits[:, -1]], mask
         for step in range(5):
             m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
             nxt = logits[-1].argmax(-1, keepdim=True)
-            out = model(input_ids=nxt, attention_mask=m, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=nxt, attention_mask=m, **{cache_argument(model): cache}, use_cache=True)
+            cache = output_cache(out)
             logits.append(out.logits[:, -1])
         return torch.stack(logits)
 
@@ -97,7 +98,7 @@ def test_small_budget_reads_less_and_changes_little_else():
     ids, mask = prompts(batch=1, length=200, pad=(0,))
     sa.enable(model, None, SpotlightConfig(method="oracle", budget=0.1, min_tokens=0, sink=0, window=0, dense_layers=(0,)))
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    fraction = read_fraction(out.past_key_values)
+    fraction = read_fraction(output_cache(out))
     # 1 dense layer of 6 reads everything, 5 read ceil(10%) of ~200 keys
     assert 0.2 < fraction < 0.3
 
@@ -174,10 +175,10 @@ def test_a_foreign_filled_cache_is_refused():
     model = tiny_model("llama", 4, 2, 64, layers=3)
     ids, mask = prompts(batch=1, pad=(0,))
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, **{cache_argument(model): cache}, use_cache=True)
     sa.enable(model, None, SpotlightConfig(method="oracle"))
     with pytest.raises(SpotlightError, match="did not index"):
-        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :1], **{cache_argument(model): cache}, use_cache=True)
 
 
 def test_recorder_sees_post_rope_queries_and_keys_of_every_layer():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import spotlight_attn as sa
+from spotlight_attn.compat import cache_argument, output_cache
 from spotlight_attn.config import SpotlightConfig
 from spotlight_attn.errors import SpotlightError
 
@@ -18,12 +19,12 @@ def _decode_logits(model, ids, start, cache=None):
     with torch.no_grad():
         if cache is None:
             out = model(ids[:, :start], use_cache=True)
-            cache, steps = out.past_key_values, [out.logits]
+            cache, steps = output_cache(out), [out.logits]
         else:
             steps = []
         for t in range(start, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], **{cache_argument(model): cache}, use_cache=True)
+            cache = output_cache(out)
             steps.append(out.logits)
     return torch.cat(steps, 1)
 
@@ -85,10 +86,10 @@ def test_one_dense_prefill_serves_every_method(make_tiny_model, method, extra):
     start = 30
     with torch.no_grad():
         prefill = model(ids[:, :start], use_cache=True)
-    before = [layer.keys.clone() for layer in prefill.past_key_values.layers]
+    before = [layer.keys.clone() for layer in output_cache(prefill).layers]
     sa.enable(model, None, SpotlightConfig(method=method, budget=0.2, min_tokens=2, sink=1, window=1, **extra))
     own = _decode_logits(model, ids, start)[:, start:]  # the method's own prefill, then decode steps
-    shared = _decode_logits(model, ids, start, cache=sa.index_cache(model, prefill.past_key_values))
+    shared = _decode_logits(model, ids, start, cache=sa.index_cache(model, output_cache(prefill)))
     torch.testing.assert_close(shared, own, atol=2e-5, rtol=1e-4)
-    for layer, keys in zip(prefill.past_key_values.layers, before):
+    for layer, keys in zip(output_cache(prefill).layers, before):
         assert torch.equal(layer.keys, keys)  # the dense prefill was left as it was

@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from spotlight_attn import compat
 from spotlight_attn.cache import SpotlightCache
 from spotlight_attn.config import Method, SpotlightConfig
 from spotlight_attn.errors import HasherMismatchError, SpotlightError
@@ -58,6 +59,7 @@ class Installed:
     geometry: ModelGeometry
     previous_attention: str
     hook: torch.utils.hooks.RemovableHandle
+    cache_argument: str  # the decoder forward's name for its cache (compat.cache_argument)
     recorder: Callable | None = None  # recorder(layer_idx, query, key, attention_mask), called on every attention call
     teacher_forced_from: int | None = None  # set by teacher_forcing(): positions >= this select in multi-token calls
 
@@ -156,8 +158,10 @@ def _teacher_forced_attention(installed, cache, layer, query, key, value, scalin
     return out.transpose(1, 2)
 
 
-AttentionInterface.register(ATTENTION_NAME, spotlight_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+def _register() -> None:
+    """Register the attention function and its mask under ATTENTION_NAME (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, spotlight_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, device) -> Selector:
@@ -201,26 +205,28 @@ def _before_decoder_forward(installed: Installed, signature: inspect.Signature, 
         kwargs.update(kwargs.pop("kwargs", {}))
     use_cache = kwargs.get("use_cache")
     use_cache = module.config.use_cache if use_cache is None else use_cache
-    cache = kwargs.get("past_key_values")
+    cache = compat.pop_cache(kwargs)
     kwargs["spotlight"] = installed
     if cache is None and not use_cache:
-        return (), kwargs  # no cache: every call is a full dense forward
+        return (), kwargs  # no cache: every call is a full dense forward (the cache argument stays unset)
     if getattr(cache, "owner", None) is not installed:
         if cache is not None and cache.get_seq_length() > 0:
             raise SpotlightError(
-                "this cache already holds tokens that spotlight did not index; start from past_key_values=None "
+                "this cache already holds tokens that spotlight did not index; start from an empty cache "
                 "(generate() does) or from a cache made after enable()"
             )
         cache = installed.new_cache()
     inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     batch, new = inputs.shape[0], inputs.shape[1]
     cache.set_attention_mask(kwargs.get("attention_mask"), cache.get_seq_length() + new, batch)
-    kwargs["past_key_values"] = kwargs["spotlight_cache"] = cache
+    kwargs[installed.cache_argument] = kwargs["spotlight_cache"] = cache
     return (), kwargs
 
 
 def enable(model, hasher=None, config: SpotlightConfig | None = None):
     """Make `model` decode sparsely. Returns the model. Calling it again replaces the earlier setting."""
+    compat.check_transformers()
+    _register()
     config = config or SpotlightConfig()
     geometry = ModelGeometry.from_model(model)
     bad = [i for i in config.dense_layers if i >= geometry.num_layers]
@@ -233,7 +239,7 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
     previous = model.config._attn_implementation
     decoder = _decoder(model)
     signature = inspect.signature(decoder.forward)
-    installed = Installed(config, selector, geometry, previous, hook=None)
+    installed = Installed(config, selector, geometry, previous, hook=None, cache_argument=compat.cache_argument(decoder))
     installed.hook = decoder.register_forward_pre_hook(
         lambda module, args, kwargs: _before_decoder_forward(installed, signature, module, args, kwargs),
         with_kwargs=True,

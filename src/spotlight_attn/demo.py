@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from spotlight_attn import compat
 from spotlight_attn.attention import read_fraction
 from spotlight_attn.errors import SpotlightError
 from spotlight_attn.tasks import filler_paragraphs
@@ -134,5 +135,5 @@ def generate_timed(model, tokenizer, inputs: dict[str, torch.Tensor], **generate
         new_tokens=int(new_ids.numel()),
         seconds=seconds,
         prefill_seconds=first_token - started,
-        read_fraction=read_fraction(out.past_key_values),
+        read_fraction=read_fraction(compat.output_cache(out)),
     )

@@ -15,3 +15,7 @@ class HasherMismatchError(SpotlightError):
 
 class CheckpointError(SpotlightError):
     """A hasher file is missing, truncated, corrupt, or of an unknown format."""
+
+
+class UnsupportedVersionError(SpotlightError):
+    """An installed package (transformers) is outside the range spotlight_attn is tested with."""

@@ -26,6 +26,7 @@ from collections import OrderedDict
 
 import torch
 
+from spotlight_attn import compat
 from spotlight_attn.config import Method, SpotlightConfig
 from spotlight_attn.engine.cache import StaticCache
 from spotlight_attn.engine.dense import DenseAttention, DenseKernel, default_kernel
@@ -190,7 +191,7 @@ class DecodeEngine:
             raise SpotlightError(f"prompt lengths {counts} must be >= 1 and leave room in max_tokens={self.cache.max_tokens}")
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
         out = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        kv = out.past_key_values
+        kv = compat.output_cache(out)
         for i in range(self.geometry.num_layers):
             keys, values = kv.layers[i].keys, kv.layers[i].values  # [B, Hkv, S, D], post-RoPE
             for row in range(b):

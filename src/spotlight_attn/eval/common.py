@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from spotlight_attn import compat
 from spotlight_attn.config import Method, SpotlightConfig
 from spotlight_attn.errors import SpotlightError
 from spotlight_attn.hashing.checkpoint import atomic_write
@@ -161,16 +162,16 @@ def dense_prefill(model, input_ids: torch.Tensor):
     disable(model)
     with torch.inference_mode():
         out = model(input_ids.to(model.device), use_cache=True)
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), compat.output_cache(out)
 
 
 def decode_tokens(model, cache, tokens: torch.Tensor) -> tuple[torch.Tensor, object]:
     """Feed `tokens` [B, n] one at a time through the enabled method: (logits [B, n, V], cache)."""
-    steps = []
+    steps, name = [], compat.cache_argument(model)
     with torch.inference_mode():
         for i in range(tokens.shape[1]):
-            out = model(tokens[:, i : i + 1].to(model.device), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(tokens[:, i : i + 1].to(model.device), use_cache=True, **{name: cache})
+            cache = compat.output_cache(out)
             steps.append(out.logits[:, -1].float())
     return (torch.stack(steps, 1) if steps else torch.empty(tokens.shape[0], 0, 0)), cache
 
@@ -178,14 +179,15 @@ def decode_tokens(model, cache, tokens: torch.Tensor) -> tuple[torch.Tensor, obj
 def greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
     """Greedy decoding from the last logits [1, V] through the enabled method: the new token ids."""
     new: list[int] = []
+    name = compat.cache_argument(model)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             token = int(logits[0].argmax())
             if token in stop_ids:
                 break
             new.append(token)
-            out = model(torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1].float()
+            out = model(torch.tensor([[token]], device=model.device), use_cache=True, **{name: cache})
+            cache, logits = compat.output_cache(out), out.logits[:, -1].float()
     return new
 
 

@@ -16,6 +16,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from spotlight_attn import compat
 from spotlight_attn.errors import SpotlightError
 from spotlight_attn.eval.common import MethodSpec, Methods, decode_tokens, new_results, runs
 
@@ -31,10 +32,10 @@ def chunk_nll(model, chunk: torch.Tensor, prefix: int, mode: str = "fast") -> tu
     if mode == "fast":
         with torch.inference_mode(), teacher_forcing(model, prefix):
             out = model(ids[:, :-1], use_cache=True)  # the last token is only ever a target
-        logits, cache = out.logits[0, prefix:].float(), out.past_key_values  # predicts prefix+1 .. L-1
+        logits, cache = out.logits[0, prefix:].float(), compat.output_cache(out)  # predicts prefix+1 .. L-1
     elif mode == "decode":
         with torch.inference_mode():
-            cache = model(ids[:, :prefix], use_cache=True).past_key_values
+            cache = compat.output_cache(model(ids[:, :prefix], use_cache=True))
         logits, cache = decode_tokens(model, cache, ids[:, prefix:-1])
         logits = logits[0]
     else:

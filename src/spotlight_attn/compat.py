@@ -1,0 +1,78 @@
+"""The one place that knows which transformers is installed and where its contracts differ by version.
+
+spotlight-attn runs on the transformers releases in SUPPORTED_TRANSFORMERS (pyproject.toml states the
+same range; a test keeps the two equal). CI runs the whole suite on the newest release the range
+allows and a compatibility subset (tests/test_compat.py) on the oldest. `enable()` refuses a
+transformers outside the range with one error naming both, unless ALLOW_UNTESTED_ENV is set.
+
+What differs across the supported releases, and how the library reads it:
+- The forward argument that carries the cache is `cache` from 5.24 on (`past_key_values` stays as
+  a deprecated alias that loses when both arrive) and `past_key_values` before. The name is read
+  from each model's own forward signature, never assumed (`cache_argument`).
+- Model outputs and generate() outputs hold the cache under the same two names (`output_cache`).
+- `DynamicLayer.crop(n)` with n > 0 meant "keep n tokens" before 5.24 and raises from 5.24 on; a
+  negative n (remove that many) means the same everywhere. SpotlightLayer.crop defers to the
+  installed DynamicLayer, so it follows the installed contract.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+from spotlight_attn.errors import UnsupportedModelError, UnsupportedVersionError
+
+MIN_TRANSFORMERS = "5.17.0"  # the oldest release CI tests (the compatibility subset)
+BELOW_TRANSFORMERS = "5.25"  # the first release not yet tested
+SUPPORTED_TRANSFORMERS = f">={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}"
+ALLOW_UNTESTED_ENV = "SPOTLIGHT_ALLOW_UNTESTED_TRANSFORMERS"
+CACHE_NAMES = ("cache", "past_key_values")  # the forward's cache argument: the newest name first
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Refuse a transformers release outside SUPPORTED_TRANSFORMERS (unless ALLOW_UNTESTED_ENV=1)."""
+    from packaging.version import Version
+
+    version = version or transformers_version()
+    parsed = Version(version)
+    # A pre-release of the next minor (5.25.0.dev0) is outside the range, as is any 5.25 release.
+    inside = Version(MIN_TRANSFORMERS) <= parsed and parsed.release < Version(BELOW_TRANSFORMERS).release
+    if inside or os.environ.get(ALLOW_UNTESTED_ENV, "") not in ("", "0"):
+        return
+    raise UnsupportedVersionError(
+        f"transformers {version} is installed, but spotlight-attn is tested with transformers {SUPPORTED_TRANSFORMERS}: "
+        f"pip install 'transformers{SUPPORTED_TRANSFORMERS}' (or set {ALLOW_UNTESTED_ENV}=1 to try this release anyway)"
+    )
+
+
+def cache_argument(module) -> str:
+    """The name under which `module.forward` (a decoder or a *ForCausalLM) takes its cache."""
+    parameters = inspect.signature(module.forward).parameters
+    for name in CACHE_NAMES:
+        if name in parameters:
+            return name
+    raise UnsupportedModelError(
+        f"{type(module).__name__}.forward takes no cache argument (none of {', '.join(CACHE_NAMES)})"
+    )
+
+
+def pop_cache(kwargs: dict):
+    """Remove the cache from forward kwargs under any of its names; -> the one the model would use."""
+    found = [kwargs.pop(name) for name in CACHE_NAMES if name in kwargs]
+    found = [cache for cache in found if cache is not None]
+    return found[0] if found else None  # the newest name wins, as transformers' own alias handling does
+
+
+def output_cache(output):
+    """The cache a model output or a generate() output holds (None if it holds none)."""
+    for name in CACHE_NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
