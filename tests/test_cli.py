@@ -156,3 +156,44 @@ def test_real_model_demo_dense_answers(capsys):
     assert code == 0, err
     dense_block = out.split("\ndense (the model's own attention)\n")[1]
     assert "-> correct" in dense_block.splitlines()[0], out  # the dense answer line
+
+
+def test_printed_decode_time_leaves_the_warm_up_out(capsys, tiny_dir, monkeypatch):
+    """A slow first decode step (as one-time kernel compilation makes it on a GPU) is shown apart and
+    does not enter the printed ms/token."""
+    import time
+
+    from spotlight_attn import demo
+
+    put = demo._StepClock.put
+
+    def slow_first_step(self, value):
+        if len(self.stamps) == 2:  # the first decode step: between the first and the second new token
+            time.sleep(0.4)
+        put(self, value)
+
+    monkeypatch.setattr(demo._StepClock, "put", slow_first_step)
+    code, out, err = generate(capsys, tiny_dir, "--method", "dense", "--max-new-tokens", 6)
+    assert code == 0, err
+    match = re.search(r"decode ([\d.]+) ms/token \(median of 5 steps; the first took ([\d.]+) ms, one-time warm-up included\)", err)
+    assert match, err
+    assert float(match[1]) < 200 and float(match[2]) >= 400
+    assert "budget none (dense reads every key)" in err
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`spotlight --help` stays fast (about 0.1 s here instead of 4 s): the heavy imports wait for a command."""
+    code = ("import sys; from spotlight_attn.cli.main import build_parser; build_parser().format_help(); "
+            "import spotlight_attn; heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line(capsys, tiny_dir):
+    for device, text in [("cuda", "CUDA is not available here"), ("cuda:3", "CUDA is not available here"),
+                         ("tpu", "is not a torch device")]:
+        code, out, err = generate(capsys, tiny_dir, "--method", "oracle", "--device", device)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"spotlight: error: device '{device}'") and text in err

@@ -190,15 +190,9 @@ def test_the_real_model_answers_through_retrieval():
     model, tokenizer = sa.load_model("smollm2-135m")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    hasher = sa.load_hasher(compat_shipped_hasher(), model)
+    hasher = sa.load_hasher(sa.shipped_hasher(model), model)  # found by the model's identity
     for method, h in [("oracle", None), ("spotlight", hasher)]:
         sa.enable(model, h, SpotlightConfig(method=method, budget=0.1))
         out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=16, do_sample=False)
         assert "Paris" in tokenizer.decode(out[0, enc["input_ids"].shape[1] :]), method
     sa.disable(model)
-
-
-def compat_shipped_hasher():
-    from spotlight_attn.models import shipped_hasher
-
-    return shipped_hasher("smollm2-135m")

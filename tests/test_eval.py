@@ -153,7 +153,7 @@ def test_eval_cli_writes_results_table_and_plots_then_report_redraws(tmp_path, t
     for i in range(40):  # held-out split is 5% of documents by id: enough documents to hold some out
         (corpus / f"doc{i}.txt").write_text(" ".join(["the cat sat on a mat and dog ran to red blue house"] * 30))
     out = tmp_path / "res" / "ppl.json"
-    args = ["eval", "ppl", "--model", tiny_dir, "--device", "cpu", "--data", corpus, "--methods", "dense,oracle,linear32",
+    args = ["eval", "ppl", "--model", tiny_dir, "--device", "cpu", "--data", corpus, "--split", "heldout", "--methods", "dense,oracle,linear32",
             "--budgets", "0.2", "--length", "96", "--prefix", "32", "--chunks", "2", "--min-tokens", "4", "--out", out]
     assert main([str(a) for a in args]) == 0
     printed = capsys.readouterr().out
@@ -182,3 +182,31 @@ def test_eval_cli_refuses_bad_input_without_touching_results(tmp_path, tiny_dir,
     assert "not a results file" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,extra,methods", [
+    ("ppl", ["--length", "96", "--prefix", "32", "--chunks", "2"], {"dense", "oracle"}),
+    ("retrieval", ["--contexts", "64", "--chunks", "1", "--steps", "4"], {"oracle"}),  # dense is the truth, not a row
+    # the tiny tokenizer has no '.', so its passages hold no sentences to ask about: no rows, but the data loads
+    ("fidelity", ["--length", "96", "--prompts", "1", "--max-new-tokens", "4"], set()),
+])
+def test_eval_of_your_own_single_file_reads_all_of_it(tmp_path, tiny_dir, capsys, kind, extra, methods):
+    """One document lands wholly in one split; a user's own file is read whole by default (--split auto)."""
+    book = tmp_path / "my_book.txt"
+    book.write_text(" ".join(["the cat sat on a mat and the dog ran to the red blue house ."] * 40))
+    out = tmp_path / f"{kind}.json"
+    base = ["eval", kind, "--model", str(tiny_dir), "--device", "cpu", "--data", str(book), "--methods", "dense,oracle",
+            "--budgets", "0.25", "--min-tokens", "4", "--out", str(out), *extra]
+    assert main(base) == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())
+    assert results["meta"]["split"] == "all" and {r["method"] for r in results["rows"]} == methods
+    capsys.readouterr()
+    assert main(base + ["--split", "heldout"]) == 2  # the file's one document is in the train split
+    assert "--split all" in capsys.readouterr().err
+
+
+def test_builtin_corpora_stay_held_out_by_default():
+    from spotlight_attn.data import BUILTIN, default_split
+
+    assert {default_split(name) for name in BUILTIN} == {"heldout"}
+    assert default_split("my_book.txt") == "all"

@@ -161,5 +161,6 @@ def test_shipped_smollm2_hasher_loads_and_is_small():
     hasher = load_hasher(path, geometry)
     assert hasher.bits == 128 and hasher.layers == tuple(range(2, 30))
     assert read_header(path)["training"]["finished_layers"] == list(range(2, 30))
+    assert read_header(path)["identity"]["tensors"][0] == "layers.0.self_attn.q_proj.weight"  # found by what a model is
     codes = hasher.key_codes(5, torch.randn(1, 3, 7, 64))
     assert codes.shape == (1, 3, 7, 4) and codes.dtype == torch.int32

@@ -138,6 +138,13 @@ def is_heldout(doc_id: str, heldout_fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
 
 
+def default_split(spec: str | os.PathLike) -> str:
+    """The split an evaluation reads by default: "heldout" for a built-in corpus (its train split is what
+    `spotlight train` reads), "all" for a user's own files (a single document would otherwise land
+    wholly in one split, most likely train, and leave nothing to evaluate)."""
+    return "heldout" if str(spec) in BUILTIN else "all"
+
+
 def load_chunks(
     spec: str | os.PathLike,
     tokenizer,
@@ -171,8 +178,9 @@ def load_chunks(
             break
     n = len(tokens) // chunk_len if wanted is None else min(len(tokens) // chunk_len, num_chunks)
     if n == 0:
+        hint = " (the held-out split holds ~5% of the documents; --split all reads every one)" if split == "heldout" else ""
         raise SpotlightError(
-            f"data {str(spec)!r} ({split} split) holds {len(tokens)} tokens, fewer than one chunk of {chunk_len}"
+            f"data {str(spec)!r} ({split} split) holds {len(tokens)} tokens, fewer than one chunk of {chunk_len}{hint}"
         )
     return torch.tensor(tokens[: n * chunk_len], dtype=torch.int64).view(n, chunk_len)  # [N, chunk_len]
 

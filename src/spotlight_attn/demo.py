@@ -13,6 +13,7 @@ The library never prints; `spotlight demo` (cli/main.py) runs this and prints th
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -103,12 +104,19 @@ class Generation:
     seconds: float  # the whole generate() call
     prefill_seconds: float  # until the first new token
     read_fraction: float  # mean fraction of the valid cached keys a decode step read (all layers)
+    step_seconds: tuple[float, ...] = ()  # each decode step after the first token, in order
 
     @property
     def decode_ms_per_token(self) -> float:
-        """Mean time of a decode step after the first token (nan with fewer than 2 new tokens)."""
-        steps = self.new_tokens - 1
-        return (self.seconds - self.prefill_seconds) * 1e3 / steps if steps > 0 else float("nan")
+        """A decode step's steady-state time: the median step (nan with fewer than 2 new tokens). The
+        first steps of a process also compile kernels (Triton, once per shape class); the median
+        leaves those one-time costs out, and first_step_ms shows them."""
+        return statistics.median(self.step_seconds) * 1e3 if self.step_seconds else float("nan")
+
+    @property
+    def first_step_ms(self) -> float:
+        """The first decode step, one-time warm-up included."""
+        return self.step_seconds[0] * 1e3 if self.step_seconds else float("nan")
 
     @property
     def tokens_per_second(self) -> float:
@@ -129,6 +137,7 @@ def generate_timed(model, tokenizer, inputs: dict[str, torch.Tensor], **generate
     seconds = time.perf_counter() - started
     new_ids = out.sequences[0, prompt_tokens:]
     first_token = clock.stamps[1] if len(clock.stamps) > 1 else started + seconds
+    tokens = clock.stamps[1:]  # stamps[0] is the prompt's push
     return Generation(
         text=tokenizer.decode(new_ids, skip_special_tokens=True),
         prompt_tokens=prompt_tokens,
@@ -136,4 +145,5 @@ def generate_timed(model, tokenizer, inputs: dict[str, torch.Tensor], **generate
         seconds=seconds,
         prefill_seconds=first_token - started,
         read_fraction=read_fraction(compat.output_cache(out)),
+        step_seconds=tuple(b - a for a, b in zip(tokens, tokens[1:])),
     )

@@ -124,20 +124,6 @@ def smollm2_gguf_path() -> pathlib.Path:
     return path
 
 
-# Hashers that ship inside the package (src/spotlight_attn/assets), used when a model alias is given
-# and no --hasher. docs/TRAINING.md has the command that reproduces each one.
-SHIPPED_HASHERS = {SMOLLM2_ALIAS: "smollm2-135m.safetensors"}
-
-
-def shipped_hasher(spec: str | os.PathLike) -> pathlib.Path | None:
-    """The packaged hasher trained for a model alias, or None when there is none."""
-    name = SHIPPED_HASHERS.get(str(spec))
-    if name is None:
-        return None
-    path = pathlib.Path(__file__).parent / "assets" / name
-    return path if path.is_file() else None
-
-
 def default_cache_dir() -> pathlib.Path:
     """$SPOTLIGHT_CACHE_DIR, else $XDG_CACHE_HOME/spotlight-attn, else ~/.cache/spotlight-attn."""
     if os.environ.get("SPOTLIGHT_CACHE_DIR"):
@@ -212,6 +198,27 @@ def _convert_gguf(gguf: pathlib.Path, out_dir: pathlib.Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable torch device for `device` (None: default_device()); a bad or absent one is refused in one line."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SpotlightError(f"device {str(device)!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+            raise SpotlightError(f"device {str(device)!r}: CUDA is not available here ({build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SpotlightError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        available = getattr(torch, device.type, None)
+        if available is None or not getattr(available, "is_available", lambda: False)():
+            raise SpotlightError(f"device {str(device)!r} is not available on this machine")
+    return device
+
+
 def default_device() -> torch.device:
     """The current accelerator if there is one, else the CPU."""
     accelerator = getattr(torch, "accelerator", None)
@@ -234,10 +241,11 @@ def load_model(
     tokenizer pads on the left (batched decoding needs it) and pads with EOS if it
     has no pad token of its own.
     """
+    target = resolve_device(device)  # refuse a device this machine lacks before any conversion or load
     folder = resolve_model(spec, cache_dir=cache_dir)
     ModelGeometry.from_config(AutoConfig.from_pretrained(folder))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    model = model.to(torch.device(device) if device is not None else default_device()).eval()
+    model = model.to(target).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -63,7 +63,11 @@ def add_parser(subparsers, parents=()) -> None:
         p.add_argument("--min-tokens", type=int, help="fewest tokens a step reads (default: SpotlightConfig's)")
         p.add_argument("--dense-layers", metavar="I,J", help="layers that always read every key (default: SpotlightConfig's)")
         if kind in ("retrieval", "ppl", "fidelity"):
-            p.add_argument("--data", default="kjv", help="held-out split of this corpus (default: %(default)s; see `spotlight train --help`)")
+            p.add_argument("--data", default="kjv", help="corpus: a built-in name, or your own text file, folder, .jsonl or .parquet "
+                                                         "(default: %(default)s; see `spotlight train --help`)")
+            p.add_argument("--split", choices=("auto", "heldout", "all"), default="auto",
+                           help="which documents of --data: 'heldout' (never in `spotlight train`'s split of the same corpus), "
+                                "'all'; auto = heldout for a built-in corpus, all for your own files (default: %(default)s)")
         if kind == "retrieval":
             p.add_argument("--contexts", default="2048,4096", help="context lengths (default: %(default)s)")
             p.add_argument("--chunks", type=int, default=2, help="held-out chunks per context (default: %(default)s)")
@@ -113,7 +117,7 @@ def _limit(n: int, args) -> int:
 def run_eval(args) -> int:
     import torch
 
-    from spotlight_attn.cli.main import DTYPES
+    from spotlight_attn.cli.main import torch_dtype
     from spotlight_attn.errors import SpotlightError
     from spotlight_attn.eval import common, report
     from spotlight_attn.models import load_model
@@ -125,7 +129,7 @@ def run_eval(args) -> int:
     base = _base_config(args)
     if args.out.suffix != ".json":
         raise SpotlightError(f"--out must name a .json file, got {args.out}")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     methods = common.Methods(model, args.model, base)
     for spec in specs:
         if spec.method.value == "spotlight":
@@ -138,12 +142,17 @@ def run_eval(args) -> int:
             raise SpotlightError(f"{what} {n} exceeds the model's context of {limit_positions} tokens")
         return n
 
+    split = None
+    if args.kind in ("retrieval", "ppl", "fidelity"):
+        from spotlight_attn.data import default_split
+
+        split = default_split(args.data) if args.split == "auto" else args.split
     if args.kind == "retrieval":
         from spotlight_attn.data import load_chunks
         from spotlight_attn.eval.retrieval import evaluate_retrieval
 
         contexts = _ints(args.contexts)
-        chunks = {c: load_chunks(args.data, tokenizer, fits(c + args.steps, "context + steps"), _limit(args.chunks, args), split="heldout", seed=args.seed)
+        chunks = {c: load_chunks(args.data, tokenizer, fits(c + args.steps, "context + steps"), _limit(args.chunks, args), split=split, seed=args.seed)
                   for c in contexts}
         results = evaluate_retrieval(model, methods, specs, budgets, chunks, args.steps, data=args.data, seed=args.seed)
     elif args.kind == "ppl":
@@ -151,7 +160,7 @@ def run_eval(args) -> int:
         from spotlight_attn.eval.ppl import evaluate_ppl
 
         length = fits(_ints(args.length)[0], "--length")
-        chunks = load_chunks(args.data, tokenizer, length, _limit(args.chunks, args), split="heldout", seed=args.seed)
+        chunks = load_chunks(args.data, tokenizer, length, _limit(args.chunks, args), split=split, seed=args.seed)
         results = evaluate_ppl(model, methods, specs, budgets, chunks, args.prefix, args.mode, data=args.data, seed=args.seed)
     elif args.kind == "needle":
         from spotlight_attn.eval.needle import evaluate_needle
@@ -168,11 +177,13 @@ def run_eval(args) -> int:
         from spotlight_attn.eval.fidelity import evaluate_fidelity
 
         length = fits(_ints(args.length)[0], "--length")
-        chunks = load_chunks(args.data, tokenizer, length, _limit(args.prompts, args), split="heldout", seed=args.seed)
+        chunks = load_chunks(args.data, tokenizer, length, _limit(args.prompts, args), split=split, seed=args.seed)
         passages = [tokenizer.decode(chunk, skip_special_tokens=True) for chunk in chunks]
         results = evaluate_fidelity(model, tokenizer, methods, specs, budgets, passages, args.max_new_tokens, data=args.data, seed=args.seed)
         results["meta"]["settings"]["passage_tokens"] = length
 
+    if split is not None:
+        results["meta"]["split"] = split
     results["meta"]["seconds"] = time.perf_counter() - started
     results["meta"]["hashers"] = methods.hasher_digests()
     path = common.write_results(results, args.out)

@@ -21,16 +21,22 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
+# Only light modules at the top: `spotlight --help` and bad options answer without importing torch
+# or transformers (each command imports what it needs when it runs).
 from spotlight_attn.config import Method, SpotlightConfig, parse_budget
 from spotlight_attn.errors import SpotlightError
-from spotlight_attn.models import shipped_hasher
 
 logger = logging.getLogger("spotlight_attn.cli")
 PROG = "spotlight"
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(SpotlightConfig)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a --dtype choice."""
+    import torch
+
+    return getattr(torch, name)
 # The demo reads through the learned hash that ships for smollm2-135m: at budget 0.1 it answered the
 # passcode on needle seeds 0-7 (8/8, as dense did; README). `--method linear` uses 256-bit SimHash.
 DEMO_METHOD, DEMO_BITS, DEMO_BUDGET = "spotlight", 256, "0.1"
@@ -63,7 +69,7 @@ def _model_args(parser: argparse.ArgumentParser, model: str | None) -> None:
     parser.add_argument("--model", required=model is None, default=model,
                         help="local HF folder, .gguf file, or the alias smollm2-135m" + (" (default: %(default)s)" if model else ""))
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the accelerator if any, else cpu)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="(default: %(default)s)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,25 +122,29 @@ def spotlight_config(args: argparse.Namespace) -> SpotlightConfig:
         except ValueError:
             raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
     config = SpotlightConfig(**kwargs)
-    if config.method is Method.SPOTLIGHT and args.hasher is None:
-        shipped = shipped_hasher(args.model)
-        if shipped is None:
-            raise SpotlightError(
-                f"method 'spotlight' needs --hasher FILE (a learned hasher, see `spotlight train`): none ships for "
-                f"{args.model!r}; methods that need none: dense, oracle, linear, quest, streaming"
-            )
-        args.hasher = str(shipped)
     if args.hasher is not None and not Path(args.hasher).is_file():
         raise SpotlightError(f"hasher file not found: {args.hasher}")
     return config
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, hasher or None) for the options."""
-    from spotlight_attn.hashing import load_hasher
+def _load(args: argparse.Namespace, config: SpotlightConfig):
+    """(model, tokenizer, hasher or None) for the options. --method spotlight without --hasher takes the
+    shipped hasher whose recorded model identity matches the loaded model (hashing/shipped.py)."""
+    from spotlight_attn.hashing import load_hasher, shipped_hasher
     from spotlight_attn.models import load_model
 
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype), device=args.device)
+    if config.method is Method.SPOTLIGHT and args.hasher is None:
+        shipped = shipped_hasher(model)
+        if shipped is None:
+            from spotlight_attn.hashing.shipped import describe_shipped
+
+            raise SpotlightError(
+                f"method 'spotlight' needs --hasher FILE (a learned hasher, see `spotlight train`): none ships for "
+                f"the model {args.model!r} (shipped: {describe_shipped()}); methods that need none: dense, oracle, "
+                "linear, quest, streaming"
+            )
+        args.hasher = str(shipped)
     hasher = load_hasher(args.hasher, model, device=model.device) if args.hasher else None
     return model, tokenizer, hasher
 
@@ -148,9 +158,21 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
 
 
 def _budget_text(config: SpotlightConfig) -> str:
+    if config.method is Method.DENSE:
+        return "none (dense reads every key)"
     if isinstance(config.budget, float):
         return f"{config.budget * 100:g}% of the cache"
     return f"{config.budget} token" + ("" if config.budget == 1 else "s")
+
+
+def _decode_text(result) -> str:
+    """The decode timing of a Generation: the steady-state step, and the first step (warm-up) apart."""
+    if not result.step_seconds:
+        return "decode: fewer than 2 new tokens, not timed"
+    return (
+        f"decode {result.decode_ms_per_token:.1f} ms/token (median of {len(result.step_seconds)} steps; "
+        f"the first took {result.first_step_ms:.1f} ms, one-time warm-up included)"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -164,10 +186,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
     if args.max_new_tokens < 1:
         raise SpotlightError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tokenizer, hasher = _load(args)
+    model, tokenizer, hasher = _load(args, config)
     enable(model, hasher, config)
     sampling = {"do_sample": False}
     if args.sample:
+        import torch
+
         torch.manual_seed(args.gen_seed)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     inputs = encode_chat(tokenizer, prompt, chat=not args.no_chat)
@@ -176,9 +200,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(result.text, flush=True)
     print(
         f"[{PROG}] prompt {result.prompt_tokens} tokens | new {result.new_tokens} tokens | {result.seconds:.2f} s "
-        f"(prefill {result.prefill_seconds:.2f} s, decode {result.decode_ms_per_token:.1f} ms/token) | "
-        f"{result.tokens_per_second:.1f} tokens/s | method {config.method.value} | budget {_budget_text(config)} | "
-        f"read {result.read_fraction:.1%} of the cache per decode step",
+        f"(prefill {result.prefill_seconds:.2f} s, {_decode_text(result)}) | method {config.method.value} | "
+        f"budget {_budget_text(config)} | read {result.read_fraction:.1%} of the cache per decode step",
         file=sys.stderr,
         flush=True,
     )
@@ -190,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from spotlight_attn.demo import QUESTION, build_needle_prompt, encode_chat, generate_timed
 
     config = spotlight_config(args)
-    model, tokenizer, hasher = _load(args)
+    model, tokenizer, hasher = _load(args, config)
     messages, answer = build_needle_prompt(tokenizer, args.context_tokens, seed=args.needle_seed, depth=args.depth)
     inputs = encode_chat(tokenizer, messages)
     _check_length(model, inputs["input_ids"].shape[1], args.max_new_tokens)
@@ -215,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(
             f"{name}\n  answer: {result.text.strip()!r} -> {verdict}\n"
             f"  read {result.read_fraction:.1%} of the cache per decode step | prefill {result.prefill_seconds:.2f} s | "
-            f"decode {result.decode_ms_per_token:.1f} ms/token",
+            f"{_decode_text(result)}",
             flush=True,
         )
     disable(model)

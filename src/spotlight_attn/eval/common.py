@@ -125,11 +125,13 @@ class Methods:
         self._hashers: dict[str, object] = {}
 
     def hasher_path(self, spec: MethodSpec) -> str:
-        from spotlight_attn.models import shipped_hasher
+        from spotlight_attn.hashing.shipped import describe_shipped, shipped_hasher
 
-        path = spec.hasher or shipped_hasher(self.model_spec)
+        path = spec.hasher or shipped_hasher(self.model)
         if path is None:
-            raise SpotlightError(f"method spotlight needs --hasher FILE: no hasher ships for {self.model_spec!r}")
+            raise SpotlightError(
+                f"method spotlight needs --hasher FILE: no hasher ships for the model {self.model_spec!r} (shipped: {describe_shipped()})"
+            )
         if not Path(path).is_file():
             raise SpotlightError(f"hasher file not found: {path}")
         return str(path)

@@ -8,6 +8,8 @@ Header (safetensors metadata, all strings):
   hasher          JSON: HasherConfig (mlp) or {"bits", "seed"} (linear)
   layers          JSON list of the layer indices the hasher covers
   training        JSON: free-form training settings and results (may be {})
+  identity        JSON: the weights' fingerprint of the model it was trained for (identity.py), or null;
+                  optional (files written before it existed are checked by geometry alone)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import save_file
 from spotlight_attn.config import HasherConfig
 from spotlight_attn.errors import CheckpointError, HasherMismatchError
 from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
+from spotlight_attn.identity import TOLERANCE, identity_difference, model_identity
 from spotlight_attn.models import ModelGeometry
 
 FORMAT = "spotlight-attn/hasher"
@@ -53,9 +56,15 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_hasher(hasher: MLPHasher | LinearHasher, path: str | os.PathLike, training: dict | None = None) -> Path:
-    """Write `hasher` to `path` (safetensors + header). Returns the path."""
+def save_hasher(
+    hasher: MLPHasher | LinearHasher, path: str | os.PathLike, training: dict | None = None, identity: dict | None = None
+) -> Path:
+    """Write `hasher` to `path` (safetensors + header). Returns the path.
+
+    `identity` (identity.model_identity of the model it was trained for) defaults to `hasher.identity`,
+    which load_hasher and the trainer set."""
     path = Path(path)
+    identity = identity if identity is not None else getattr(hasher, "identity", None)
     geometry = hasher.geometry
     if isinstance(hasher, MLPHasher):
         kind, hasher_meta = "mlp", hasher.config.to_dict()
@@ -69,8 +78,23 @@ def save_hasher(hasher: MLPHasher | LinearHasher, path: str | os.PathLike, train
         "hasher": json.dumps(hasher_meta),
         "layers": json.dumps(list(hasher.layers)),
         "training": json.dumps(training or {}),
+        "identity": json.dumps(identity),
     }
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in hasher.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def stamp_identity(path: str | os.PathLike, model) -> Path:
+    """Record `model`'s identity in the header of an existing hasher file (one written before headers
+    held identities); the tensors are kept byte for byte, the geometry must match, the write is atomic."""
+    path = Path(path)
+    header = read_header(path)
+    check_geometry(header["model"], _geometry_of(model), str(path))
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    metadata["identity"] = json.dumps(model_identity(model))
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
@@ -97,6 +121,10 @@ def read_header(path: str | os.PathLike) -> dict:
             header[key] = json.loads(metadata[key])
         except (KeyError, json.JSONDecodeError):
             raise CheckpointError(f"{path} has a missing or corrupt '{key}' header field") from None
+    try:
+        header["identity"] = json.loads(metadata.get("identity", "null"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has a corrupt 'identity' header field") from None
     if header["kind"] not in ("mlp", "linear"):
         raise CheckpointError(f"{path} has unknown hasher kind {header['kind']!r}")
     return header
@@ -113,12 +141,31 @@ def check_geometry(header_model: dict, geometry, source: str) -> None:
             )
 
 
-def load_hasher(path: str | os.PathLike, model, device: torch.device | str | None = None) -> MLPHasher | LinearHasher:
-    """Load a hasher and check it against `model` (a transformers model or a ModelGeometry)."""
+def check_model_identity(header_identity: dict | None, model, source: str) -> None:
+    """Refuse a hasher trained for other weights than `model`'s (a transformers model), by their fingerprints."""
+    actual = model_identity(model)
+    if header_identity is None or actual is None:
+        return  # nothing recorded (an older file), or a model with nothing to fingerprint: geometry only
+    difference = identity_difference(header_identity, actual)
+    if difference > TOLERANCE:
+        raise HasherMismatchError(
+            f"{source} was trained for another model of this geometry: its model identity is "
+            f"{header_identity.get('digest')}, this model's is {actual['digest']} (weights differ by {difference:.3g} "
+            f"relative, more than {TOLERANCE}); train a hasher for this model, or pass check_identity=False to use it anyway"
+        )
+
+
+def load_hasher(
+    path: str | os.PathLike, model, device: torch.device | str | None = None, check_identity: bool = True
+) -> MLPHasher | LinearHasher:
+    """Load a hasher and check it against `model` (a transformers model or a ModelGeometry): the
+    geometry always, and for a model, the identity of its weights when the file records one."""
     path = Path(path)
     header = read_header(path)
     geometry = _geometry_of(model)
     check_geometry(header["model"], geometry, str(path))
+    if check_identity and not isinstance(model, ModelGeometry):
+        check_model_identity(header["identity"], model, str(path))
     if header["kind"] == "mlp":
         try:
             config = HasherConfig(**header["hasher"])
@@ -144,6 +191,7 @@ def load_hasher(path: str | os.PathLike, model, device: torch.device | str | Non
             )
     hasher.load_state_dict(tensors)
     hasher.training_info = header["training"]
+    hasher.identity = header["identity"]
     if device is not None:
         hasher.to(device)
     return hasher.eval().requires_grad_(False)

@@ -30,6 +30,7 @@ from spotlight_attn.config import TrainConfig  # re-exported here
 from spotlight_attn.errors import CheckpointError, SpotlightError
 from spotlight_attn.hashing.checkpoint import check_geometry, load_hasher, read_header, save_hasher
 from spotlight_attn.hashing.hasher import MLPHasher
+from spotlight_attn.identity import identity_matches, model_identity
 from spotlight_attn.models import ModelGeometry
 from spotlight_attn.train.loss import ranking_loss, sample_pairs
 from spotlight_attn.train.record import load_layer, qk_folder, record_qk
@@ -115,6 +116,8 @@ def _resume(out: Path, geometry: ModelGeometry, config: TrainConfig, data_id: st
             raise CheckpointError(f"{out} was trained with other settings ({', '.join(diff)} differ)")
         if previous.get("data") != data_id:
             raise CheckpointError(f"{out} was trained on other data ({previous.get('data')!r}, now {data_id!r})")
+        if not identity_matches(header["identity"], hasher.identity):
+            raise CheckpointError(f"{out} was trained for another model of this geometry (model identity {header['identity']['digest']})")
         saved = load_hasher(out, geometry)
     except CheckpointError as err:
         raise CheckpointError(f"cannot resume: {err}. Delete it or choose another --out to start over.") from None
@@ -132,12 +135,15 @@ def train_layers(
     geometry: ModelGeometry, folder: Path, num_chunks: int, config: TrainConfig, out: str | os.PathLike, data_id: str,
     layers: list[int] | None = None, device: torch.device | str = "cpu", progress: bool = True,
     on_layer_done: Callable[[int], None] | None = None, log_dir: str | os.PathLike | None = None,
+    identity: dict | None = None,
 ) -> Path:
-    """Train the hashes of `layers` (default: every layer not in dense_layers) from recorded q/k; resume from `out`."""
+    """Train the hashes of `layers` (default: every layer not in dense_layers) from recorded q/k; resume from `out`.
+    `identity` (identity.model_identity of the recorded model) goes into the file's header."""
     out, device = Path(out), torch.device(device)
     sparse = [i for i in range(geometry.num_layers) if i not in config.dense_layers]
     layers = sparse if layers is None else list(layers)
     hasher = MLPHasher(geometry, config.hasher_config, layers=sparse, seed=config.seed)
+    hasher.identity = identity
     finished = _resume(out, geometry, config, data_id, hasher)
     todo = [i for i in layers if i not in finished]
     log_dir = Path(log_dir) if log_dir is not None else out.parent / f"{out.stem}.logs"
@@ -161,10 +167,11 @@ def train_layers(
     return out
 
 
-def _merge(out: Path, parts: list[Path], geometry: ModelGeometry, config: TrainConfig, data_id: str) -> None:
+def _merge(out: Path, parts: list[Path], geometry: ModelGeometry, config: TrainConfig, data_id: str, identity: dict | None) -> None:
     """Rank 0: merge the per-rank checkpoints (each holding its own finished layers) into `out`."""
     sparse = [i for i in range(geometry.num_layers) if i not in config.dense_layers]
     hasher = MLPHasher(geometry, config.hasher_config, layers=sparse, seed=config.seed)
+    hasher.identity = identity
     finished = {}
     for part in parts:
         finished.update(_resume(part, geometry, config, data_id, hasher))
@@ -201,6 +208,7 @@ def train_hasher(
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device)
     geometry = ModelGeometry.from_model(model)
+    identity = model_identity(model)
     if isinstance(data, torch.Tensor):
         chunks = data.to(torch.int64)
     else:
@@ -218,15 +226,16 @@ def train_hasher(
     if not distributed:
         log.info("training layers on %s", device)
         return train_layers(geometry, folder, chunks.shape[0], config, out, data_id, device=device, progress=progress,
-                            on_layer_done=on_layer_done)
+                            on_layer_done=on_layer_done, identity=identity)
     dist.barrier()  # every chunk recorded
     sparse = [i for i in range(geometry.num_layers) if i not in config.dense_layers]
     part = out.with_name(f"{out.name}.rank{rank}")
     log.info("rank %d of %d trains layers %s on %s", rank, world, sparse[rank::world], device)
     train_layers(geometry, folder, chunks.shape[0], config, part, data_id, layers=sparse[rank::world], device=device,
-                 progress=progress and rank == 0, on_layer_done=on_layer_done, log_dir=out.parent / f"{out.stem}.logs")
+                 progress=progress and rank == 0, on_layer_done=on_layer_done, log_dir=out.parent / f"{out.stem}.logs",
+                 identity=identity)
     dist.barrier()  # every rank's layers written
     if rank == 0:
-        _merge(out, [out.with_name(f"{out.name}.rank{r}") for r in range(world)], geometry, config, data_id)
+        _merge(out, [out.with_name(f"{out.name}.rank{r}") for r in range(world)], geometry, config, data_id, identity)
     dist.barrier()
     return out
