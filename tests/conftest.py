@@ -8,19 +8,29 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),  # q/k RMS norms inside attention
 }
 
 
 def tiny_model(family: str = "llama", q_heads: int = 4, kv_heads: int = 2, head_dim: int = 16, layers: int = 3, seed: int = 0):
     """A random decoder of the given family and attention geometry, fp32, eval mode, on the CPU."""
     config_cls, model_cls = FAMILIES[family]
-    extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+    extra = {"sliding_window": None} if family in ("mistral", "qwen2", "qwen3") else {}
     config = config_cls(
         vocab_size=128,
         hidden_size=q_heads * head_dim,

@@ -28,9 +28,12 @@ def test_token_lists():
 
 def test_decode_options():
     args = parse(["bench", "decode", "--shape", "llama3-8b", "--context", "32K,128K", "--batch", "1,3,8", "--budget", "0.02,0.1"])
-    assert args.run is bench_cmd.run_decode and args.dense_kernel == "auto"
+    assert args.run is bench_cmd.run_decode and args.baselines == "hf-static,dense" and args.hasher == "linear,mlp"
     args = parse(["bench", "decode", "--shape", "gpt5"])
     with pytest.raises(SpotlightError, match="unknown shape"):
+        args.run(args)
+    args = parse(["bench", "decode", "--baselines", "vllm"])
+    with pytest.raises(SpotlightError, match="unknown baseline"):
         args.run(args)
 
 

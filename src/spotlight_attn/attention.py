@@ -1,13 +1,20 @@
 """enable() / disable(): sparse decoding inside an unmodified transformers model.
 
 How it hooks in, without replacing any forward method:
-- an attention function registered with transformers' `AttentionInterface` (and `sdpa_mask` with
-  `AttentionMaskInterface` under the same name), selected by `model.set_attn_implementation`;
-- a forward pre-hook on the decoder that swaps the empty default cache for a `SpotlightCache`,
-  records the 2-D padding mask in it, and passes the setting and the cache down as the `spotlight`
-  and `spotlight_cache` kwargs, which transformers forwards to the attention function.
-Prefill (query length > 1) runs dense SDPA; keys are hashed as they enter the cache. Decode
-(query length 1) selects per KV head, then attends over only the selected rows.
+- an attention function registered with transformers' `AttentionInterface`, selected by
+  `model.set_attn_implementation`, and under the same name with `AttentionMaskInterface` a mask
+  function that only hands the 2-D padding mask on (as [B, 1, 1, T]): the attention function applies
+  causality itself, so no [B, 1, S, T] mask is ever built, however long the prompt;
+- a forward pre-hook on the decoder that puts our cache where the model expects its cache (the
+  forward's documented cache argument, compat.cache_argument): a `SpotlightCache` (dynamic, grows
+  by concatenation) in place of a DynamicCache or none, a `SpotlightStaticCache` (preallocated,
+  compiled and graph-captured by generate()) in place of transformers' StaticCache; it records the
+  padding of the new tokens and passes the setting and the cache to the attention function as the
+  `spotlight` and `spotlight_cache` kwargs, which transformers forwards to it.
+Prefill (query length > 1) runs dense attention; keys are hashed as they enter the cache. Decode
+(query length 1) selects per KV head, then attends over only the selected rows. On CUDA enable()
+makes the static cache generate()'s default (SpotlightConfig.cache), so `model.generate()` runs the
+compiled fast path (static_attention.py).
 
 For evaluation, `teacher_forcing(model, start)` makes one forward pass over a whole text behave as
 if every position from `start` on had been decoded one token at a time (each position attends to
@@ -24,12 +31,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from spotlight_attn import compat
 from spotlight_attn.cache import SpotlightCache
+from spotlight_attn.static_attention import STATIC_METHODS, static_attention
+from spotlight_attn.static_cache import SpotlightStaticCache
 from spotlight_attn.config import Method, SpotlightConfig
 from spotlight_attn.errors import HasherMismatchError, SpotlightError
 from spotlight_attn.hashing.checkpoint import check_geometry
@@ -62,6 +71,10 @@ class Installed:
     cache_argument: str  # the decoder forward's name for its cache (compat.cache_argument)
     recorder: Callable | None = None  # recorder(layer_idx, query, key, attention_mask), called on every attention call
     teacher_forced_from: int | None = None  # set by teacher_forcing(): positions >= this select in multi-token calls
+    dtype: torch.dtype = torch.float32  # the model's, which the static cache's K/V take
+    static_cache: SpotlightStaticCache | None = None  # the last one made, reused by the next generate() that fits
+    previous_cache_implementation: str | None = None  # generation_config's before enable() set "static"
+    set_static: bool = False  # enable() set generation_config.cache_implementation; disable() restores it
 
     def new_cache(self) -> SpotlightCache:
         specs = [
@@ -70,10 +83,26 @@ class Installed:
         ]
         return SpotlightCache(specs, owner=self)
 
+    def new_static_cache(self, batch: int, max_tokens: int, device, dtype) -> SpotlightStaticCache:
+        """A static cache for `batch` rows of `max_tokens`, or the last one, reset, when it fits."""
+        held = self.static_cache
+        if held is not None and held.fits(batch, max_tokens, device, dtype):
+            held.reset()
+            return held
+        self.static_cache = None  # let the old buffers go before the new ones are allocated
+        hasher = getattr(self.selector, "hasher", None)
+        specs = [
+            (None, 0) if i in self.config.dense_layers or hasher is None else (self.selector.key_index(i)[0], hasher.words)
+            for i in range(self.geometry.num_layers)
+        ]
+        self.static_cache = SpotlightStaticCache(specs, max_tokens, self.config.budget_spec, owner=self)
+        self.static_cache.counters_to(device)
+        return self.static_cache
 
-def read_fraction(cache: SpotlightCache) -> float:
+
+def read_fraction(cache) -> float:
     """Mean fraction of the valid cached keys that sparse decode steps read (dense layers count as 1)."""
-    if not isinstance(cache, SpotlightCache) or not cache.cached:
+    if not isinstance(cache, (SpotlightCache, SpotlightStaticCache)) or not float(cache.cached):
         return 1.0  # the model's own cache (spotlight disabled), or no decode step yet: everything read
     return float(cache.read) / float(cache.cached)
 
@@ -81,9 +110,15 @@ def read_fraction(cache: SpotlightCache) -> float:
 def spotlight_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, spotlight=None, spotlight_cache=None, **kwargs
 ):
-    """transformers attention interface: query [B, Hq, S, D], key/value [B, Hkv, T, D] -> ([B, S, Hq, D], None)."""
+    """transformers attention interface: query [B, Hq, S, D], key/value [B, Hkv, T, D] -> ([B, S, Hq, D], None).
+
+    `attention_mask` is our mask function's padding carrier ([B, 1, 1, T] bool, or None); causality is
+    applied here, from the query positions (the last S of T)."""
     layer_idx = module.layer_idx
     installed, cache = spotlight, spotlight_cache
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(cache, SpotlightStaticCache):
+        return static_attention(installed, cache, cache.layers[layer_idx], query, scaling), None
     if installed is not None and installed.recorder is not None:
         installed.recorder(layer_idx, query, key, attention_mask)
     dense = (
@@ -93,21 +128,52 @@ def spotlight_attention(
         or (query.shape[2] != 1 and installed.teacher_forced_from is None)
     )
     if not dense and query.shape[2] != 1:
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         return _teacher_forced_attention(installed, cache, cache.layers[layer_idx], query, key, value, scaling), None
     if dense:
-        if cache is not None and (query.shape[2] == 1 or installed.teacher_forced_from is not None):
-            valid = _steps_valid(cache.layers[layer_idx].key_valid, query.shape[2], installed.teacher_forced_from) * key.shape[1]
-            cache.read, cache.cached = cache.read + valid, cache.cached + valid
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if cache is not None:
+            valid = cache.layers[layer_idx].key_valid
+            if query.shape[2] == 1 or installed.teacher_forced_from is not None:
+                held = _steps_valid(valid, query.shape[2], installed.teacher_forced_from) * key.shape[1]
+                cache.read, cache.cached = cache.read + held, cache.cached + held
+        else:
+            valid = None if attention_mask is None else attention_mask[:, 0, 0, : key.shape[2]]
+        return _dense_attention(query, key, value, valid, scaling), None
 
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = cache.layers[layer_idx]
     indices = installed.selector.select(query, layer, installed.config.budget_spec, scaling)  # [B, Hkv, k]
     out = sparse_decode(query, key, value, indices, scaling, force_reference=installed.config.force_reference)  # [B, Hq, 1, D]
     cache.read = cache.read + (indices >= 0).sum()
     cache.cached = cache.cached + layer.key_valid.sum() * key.shape[1]
     return out.transpose(1, 2), None
+
+
+def _dense_attention(query, key, value, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Causal attention of the last S of T positions: query [B, Hq, S, D], key/value [B, Hkv, T, D],
+    valid [B, T] bool (None: every key is a token) -> [B, S, Hq, D]."""
+    s, t = query.shape[2], key.shape[2]
+    mask = None
+    if s > 1:
+        mask = (torch.arange(t, device=query.device)[None, :] <= (t - s) + torch.arange(s, device=query.device)[:, None])[None, None]
+    if valid is not None:
+        padding = valid[:, None, None, :]  # [B, 1, 1, T]
+        mask = padding if mask is None else mask & padding
+        mask = mask | ~mask.any(-1, keepdim=True)  # a padding query sees nothing; let it see all (its output is unused)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None and s > 1,
+                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
+def padding_carrier(batch_size: int, q_length: int = 1, kv_length: int = 1, *args, attention_mask=None, **kwargs):
+    """The mask function registered beside the attention function: the 2-D padding mask [B, L] as
+    [B, 1, 1, kv_length] bool (padded with False past L), or None when every position is a token.
+    transformers passes a 4-D mask through untouched, so the attention function receives it and no
+    [B, 1, S, T] mask is built for a long prompt."""
+    if attention_mask is None:
+        return None
+    valid = attention_mask.bool()[:, :kv_length]
+    if valid.shape[-1] < kv_length:
+        valid = F.pad(valid, (0, kv_length - valid.shape[-1]))
+    return valid[:, None, None, :]
 
 
 def _steps_valid(key_valid: torch.Tensor, new: int, start: int | None) -> torch.Tensor:
@@ -159,9 +225,9 @@ def _teacher_forced_attention(installed, cache, layer, query, key, value, scalin
 
 
 def _register() -> None:
-    """Register the attention function and its mask under ATTENTION_NAME (idempotent)."""
+    """Register the attention function and its mask function under ATTENTION_NAME (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, spotlight_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, padding_carrier)
 
 
 def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, device) -> Selector:
@@ -199,6 +265,20 @@ def _decoder(model):
     return decoder if decoder is not None else model
 
 
+def _padding(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The [B, L] padding mask from a forward's attention_mask: 2-D as given, or our carrier [B, 1, 1, L]
+    (alone, or per layer type in the dict some models' generate() builds: every type carries the same)."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if mask is None or mask.dim() == 2:
+        return mask
+    if mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1:
+        return mask[:, 0, 0, :]
+    raise SpotlightError(
+        f"spotlight takes a 2-D attention_mask (batch, past + new tokens), got shape {tuple(mask.shape)}"
+    )
+
+
 def _before_decoder_forward(installed: Installed, signature: inspect.Signature, module, args, kwargs):
     if args:  # called positionally: name everything, so the cache and mask can be found and replaced
         kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
@@ -209,18 +289,42 @@ def _before_decoder_forward(installed: Installed, signature: inspect.Signature, 
     kwargs["spotlight"] = installed
     if cache is None and not use_cache:
         return (), kwargs  # no cache: every call is a full dense forward (the cache argument stays unset)
-    if getattr(cache, "owner", None) is not installed:
-        if cache is not None and cache.get_seq_length() > 0:
-            raise SpotlightError(
-                "this cache already holds tokens that spotlight did not index; start from an empty cache "
-                "(generate() does) or from a cache made after enable()"
-            )
-        cache = installed.new_cache()
     inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     batch, new = inputs.shape[0], inputs.shape[1]
-    cache.set_attention_mask(kwargs.get("attention_mask"), cache.get_seq_length() + new, batch)
+    if getattr(cache, "owner", None) is not installed:
+        cache = _our_cache(installed, cache, batch, inputs.device)
+    if isinstance(cache, SpotlightStaticCache):
+        # A decode step's one new token per row is real: reading the mask would only cost a host sync.
+        valid = None if new == 1 else _padding(kwargs.get("attention_mask"))
+        if valid is not None:
+            valid = valid[:, int(cache.get_seq_length()) :][:, :new].bool()
+            valid = None if bool(valid.all()) else valid
+        cache.seq.new_valid = valid
+    else:
+        total = cache.get_seq_length() + new
+        valid = _padding(kwargs.get("attention_mask"))
+        if valid is not None and valid.dim() == 2 and valid.shape[-1] > total:
+            valid = valid[:, :total]  # a carrier sized for the static cache generate() first made: the rest is padding
+        cache.set_attention_mask(valid, total, batch)
     kwargs[installed.cache_argument] = kwargs["spotlight_cache"] = cache
     return (), kwargs
+
+
+def _our_cache(installed: Installed, cache, batch: int, device):
+    """The cache of ours that stands in for `cache` (None, or an empty cache transformers made)."""
+    from transformers.cache_utils import StaticCache
+
+    if cache is not None and int(cache.get_seq_length()) > 0:
+        raise SpotlightError(
+            "this cache already holds tokens that spotlight did not index; start from an empty cache "
+            "(generate() does) or from a cache made after enable()"
+        )
+    if isinstance(cache, StaticCache):
+        if installed.config.method in STATIC_METHODS:
+            return installed.new_static_cache(batch, int(cache.get_max_length()), device, installed.dtype)
+        logger.info("method %s decodes over the dynamic cache; the static one serves %s",
+                    installed.config.method.value, ", ".join(m.value for m in STATIC_METHODS))
+    return installed.new_cache()
 
 
 def enable(model, hasher=None, config: SpotlightConfig | None = None):
@@ -239,12 +343,19 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
     previous = model.config._attn_implementation
     decoder = _decoder(model)
     signature = inspect.signature(decoder.forward)
-    installed = Installed(config, selector, geometry, previous, hook=None, cache_argument=compat.cache_argument(decoder))
+    installed = Installed(config, selector, geometry, previous, hook=None, cache_argument=compat.cache_argument(decoder),
+                          dtype=next(model.parameters()).dtype)
     installed.hook = decoder.register_forward_pre_hook(
         lambda module, args, kwargs: _before_decoder_forward(installed, signature, module, args, kwargs),
         with_kwargs=True,
     )
     model.set_attn_implementation(ATTENTION_NAME)
+    generation = getattr(model, "generation_config", None)
+    static = config.cache == "static" or (config.cache == "auto" and device.type == "cuda")
+    if generation is not None and static and config.method in STATIC_METHODS:
+        installed.previous_cache_implementation = generation.cache_implementation
+        installed.set_static = True
+        generation.cache_implementation = "static"
     model.spotlight = installed
     logger.info("spotlight enabled: method=%s budget=%s dense_layers=%s", config.method.value, config.budget, config.dense_layers)
     return model
@@ -303,5 +414,9 @@ def disable(model):
         return model
     installed.hook.remove()
     model.set_attn_implementation(installed.previous_attention)
+    generation = getattr(model, "generation_config", None)
+    if installed.set_static and generation is not None and generation.cache_implementation == "static":
+        generation.cache_implementation = installed.previous_cache_implementation  # unless the user changed it since
+    installed.static_cache = None  # its buffers go with it
     del model.spotlight
     return model

@@ -100,6 +100,10 @@ class SpotlightConfig:
     seed: int = 0  # LINEAR only: projection seed
     page_size: int = 16  # QUEST only
     force_reference: bool = False  # run the pure-torch reference even where a GPU kernel exists
+    # generate()'s default cache after enable(): "static" (preallocated, compiled and graph-captured on
+    # CUDA: the fast path), "dynamic" (leave generation_config as it is), or "auto" = static on CUDA.
+    # Either way `generate(..., cache_implementation=...)` chooses per call, as in transformers.
+    cache: str = "auto"
 
     def __post_init__(self):
         try:
@@ -114,6 +118,8 @@ class SpotlightConfig:
             raise SpotlightError(f"bits must be an int >= 1, got {self.bits!r}")
         if not isinstance(self.page_size, int) or self.page_size < 1:
             raise SpotlightError(f"page_size must be an int >= 1, got {self.page_size!r}")
+        if self.cache not in ("auto", "static", "dynamic"):
+            raise SpotlightError(f"cache must be 'auto', 'static' or 'dynamic', got {self.cache!r}")
         self.budget_spec  # validates budget, min_tokens, sink, window
 
     @property

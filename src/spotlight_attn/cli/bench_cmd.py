@@ -2,8 +2,8 @@
 
     spotlight bench retrieval [--geometry llama3-8b,smollm2] [--context 4K,16K,64K,256K,512K,1M] [--batch 1,8]
     spotlight bench attention [same options] [--dtype float16|bfloat16]
-    spotlight bench decode --shape llama3-8b --context 32K,128K --batch 1,3,8 --budget 0.02,0.1
-        [--hasher linear,mlp] [--bits 128] [--steps 32] [--dense-kernel auto] [--no-compile] [--plot decode.png]
+    spotlight bench decode --shape llama3-8b --context 128K --batch 6 --budget 0.02 [--hasher linear,mlp]
+        [--baselines hf-static,dense] [--bits 128] [--steps 32] [--model smollm2.gguf] [--json F] [--plot decode.png]
 
 Each prints a table (the measured copy bandwidth first) and, with --json FILE, writes the rows.
 They need a CUDA GPU: without one they end with `spotlight: error: ...` naming what is missing.
@@ -80,22 +80,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         sub.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
         sub.set_defaults(run=run_kernels, kind=kind)
 
-    dec = kinds.add_parser("decode", help="end-to-end decode tokens/s, spotlight vs dense",
-                           description="End-to-end greedy decode throughput of a random-weight model of a given shape.")
-    dec.add_argument("--shape", default="llama3-8b", help="comma-separated: llama3-8b, smollm2-135m (default: %(default)s)")
-    dec.add_argument("--context", default="32K,128K", help="cached tokens before decoding (default: %(default)s)")
-    dec.add_argument("--batch", default="1,3,8", help="(default: %(default)s)")
-    dec.add_argument("--budget", default="0.02,0.1", help="comma-separated budgets (default: %(default)s)")
-    dec.add_argument("--hasher", default="linear", help="linear (SimHash) and/or mlp (learned-hash shape, untrained: speed only) (default: %(default)s)")
+    dec = kinds.add_parser("decode", help="decode tokens/s through model.generate(), spotlight vs the strongest dense",
+                           description="Decode throughput through model.generate() (see spotlight_attn/decode_bench.py).")
+    dec.add_argument("--shape", default="llama3-8b", help="comma-separated: llama3-8b, smollm2-135m (random weights) (default: %(default)s)")
+    dec.add_argument("--model", help="a real model instead (local HF folder, .gguf, smollm2-135m): generate() prefills real prompts")
+    dec.add_argument("--context", default="32K,128K", help="tokens held per row when decoding starts (default: %(default)s)")
+    dec.add_argument("--batch", default="1,6", help="(default: %(default)s)")
+    dec.add_argument("--budget", default="0.02", help="comma-separated budgets (default: %(default)s)")
+    dec.add_argument("--hasher", default="linear,mlp", help="linear (SimHash) and/or mlp (learned-hash shape, untrained: speed only) (default: %(default)s)")
+    dec.add_argument("--baselines", default="hf-static,dense",
+                     help="dense rows: hf-static (transformers' StaticCache + sdpa), dense (ours, flash varlen) (default: %(default)s)")
     dec.add_argument("--bits", type=int, default=128, help="code bits (default: %(default)s)")
-    dec.add_argument("--steps", type=int, default=32, help="timed decode steps (default: %(default)s)")
-    dec.add_argument("--warmup", type=int, default=4, help="(default: %(default)s)")
-    dec.add_argument("--dense-kernel", choices=("auto", "flash-varlen", "sdpa", "sdpa-masked"), default="auto",
-                     help="dense attention kernel; auto measures flash-varlen and exact-length SDPA and keeps the faster (default: %(default)s)")
-    dec.add_argument("--dense-layers", default="0,1", help="layers the sparse rows keep dense, '' for none (default: %(default)s)")
-    dec.add_argument("--no-compile", dest="compile", action="store_false",
-                     help="skip torch.compile of the per-layer math (norms, RoPE, hashing); it is on by default, for dense and spotlight alike")
-    dec.add_argument("--profile", action="store_true", help="also print GPU time per kernel of a few eager steps (torch profiler)")
+    dec.add_argument("--steps", type=int, default=32, help="new tokens of the timed generate() call (default: %(default)s)")
+    dec.add_argument("--warmup", type=int, default=8, help="new tokens of the warm-up call (default: %(default)s)")
+    dec.add_argument("--dense-layers", default="0,1", help="layers the spotlight rows keep dense, '' for none (default: %(default)s)")
     dec.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     dec.add_argument("--plot", type=Path, metavar="PNG", help="also draw tokens/s per configuration (needs matplotlib)")
     dec.set_defaults(run=run_decode)
@@ -129,33 +127,34 @@ def run_kernels(args) -> int:
 
 
 def run_decode(args) -> int:
-    from spotlight_attn.bench import require_cuda
-    from spotlight_attn.engine.bench import SHAPES, DecodeSettings, rows_as_dicts, run_decode_bench
+    import sys
 
-    shapes = _names(args.shape, SHAPES, "shape")
-    hashers = tuple(_names(args.hasher, ("linear", "mlp"), "hasher"))
+    from spotlight_attn.bench import require_cuda
+    from spotlight_attn.decode_bench import SHAPES, Settings, plot, rows_as_dicts, run_decode_bench
+
+    shapes = _names(args.shape, SHAPES, "shape") if args.model is None else [Path(str(args.model)).stem]
+    hashers = tuple(_names(args.hasher, ("linear", "mlp"), "hasher")) if args.hasher.strip() else ()
+    baselines = tuple(_names(args.baselines, ("hf-static", "dense"), "baseline"))
     contexts, batches = parse_tokens(args.context), parse_ints(args.batch, "batch")
     budgets = parse_budgets(args.budget)
     try:
         dense_layers = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
     except ValueError:
         raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
-    if args.steps < 1 or args.warmup < 1:
-        raise SpotlightError("--steps and --warmup must be >= 1")
+    if args.steps < 2 or args.warmup < 1:
+        raise SpotlightError("--steps must be >= 2 and --warmup >= 1")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise SpotlightError("--plot needs matplotlib: pip install matplotlib")
     require_cuda()
-    settings = DecodeSettings(
-        budgets, hashers, bits=args.bits, steps=args.steps, warmup=args.warmup, dense_kernel=args.dense_kernel,
-        dense_layers=dense_layers, compile=args.compile, profile=args.profile,
-    )
-    rows = run_decode_bench(shapes, contexts, batches, settings, log=lambda line: print(line, flush=True))
+    settings = Settings(budgets, hashers, bits=args.bits, steps=args.steps, warmup=args.warmup, dense_layers=dense_layers,
+                        baselines=baselines)
+    command = "spotlight " + " ".join(sys.argv[1:])
+    rows = run_decode_bench(shapes, contexts, batches, settings, model_spec=args.model, command=command,
+                            log=lambda line: print(line, flush=True))
     _write_json(args.json, rows_as_dicts(rows))
     if args.plot is not None and rows:
         import torch
 
-        from spotlight_attn.engine.plot import plot
-
-        plot(rows, args.plot, f"decode tokens/s, {torch.cuda.get_device_name()}, random-weight models")
+        plot(rows, args.plot, f"decode tokens/s through generate(), {torch.cuda.get_device_name()}")
         print(f"wrote {args.plot}")
     return 0

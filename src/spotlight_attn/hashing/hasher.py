@@ -18,7 +18,7 @@ from torch import nn
 
 from spotlight_attn.config import HasherConfig, Placement
 from spotlight_attn.errors import HasherMismatchError
-from spotlight_attn.kernels.pack import num_words, pack_signs
+from spotlight_attn.kernels.pack import num_words, pack_signs, pack_signs_reference
 
 
 class HeadBank(nn.Module):
@@ -44,6 +44,14 @@ class HeadBank(nn.Module):
             hidden = nn.functional.silu(x @ self.w1[i] + self.b1[i])  # [B, n, S, width]
             x = x + hidden @ self.w2[i] + self.b2[i]  # [B, n, S, D]
         return x @ self.proj  # [B, n, S, bits]
+
+
+def _pack(hashed: torch.Tensor) -> torch.Tensor:
+    """Packed sign bits: the Triton kernel when run eagerly on CUDA; inside torch.compile the torch
+    reference, which the compiler fuses with the hash itself (the same bits either way)."""
+    if torch.compiler.is_compiling():
+        return pack_signs_reference(hashed)
+    return pack_signs(hashed)
 
 
 def soft_sign(hashed: torch.Tensor, gain: float) -> torch.Tensor:
@@ -91,12 +99,12 @@ class _HasherBase(nn.Module):
     def key_codes(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """keys [B, Hkv, T, D] -> packed codes [B, Hkv, T, W] int32."""
         with torch.no_grad():
-            return pack_signs(self.hash_keys(layer, keys))
+            return _pack(self.hash_keys(layer, keys))
 
     def query_codes(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, S, D] -> packed codes [B, Hq, S, W] int32."""
         with torch.no_grad():
-            return pack_signs(self.hash_queries(layer, queries))
+            return _pack(self.hash_queries(layer, queries))
 
     def soft_keys(self, layer: int, keys: torch.Tensor, gain: float = 64.0) -> torch.Tensor:
         return soft_sign(self.hash_keys(layer, keys), gain)

@@ -35,7 +35,6 @@ from spotlight_attn.config import Budget
 from spotlight_attn.kernels import _triton
 from spotlight_attn.kernels._triton import cdiv, next_pow2
 from spotlight_attn.kernels.pack import popcount
-from spotlight_attn.selection.topk import select_topk
 
 triton = tl = libdevice = _sum = _max = _cumsum = None  # bound on the first launch (see _triton.py)
 
@@ -58,6 +57,8 @@ def score_select_reference(
     query_codes: torch.Tensor, key_codes: torch.Tensor, key_valid: torch.Tensor, budget: Budget, bits: int
 ) -> torch.Tensor:
     """Pure-torch reference. key_valid [B, T] bool -> indices [B, Hkv, k] int64, -1 where unused."""
+    from spotlight_attn.selection.topk import select_topk  # here: selection imports this module
+
     return select_topk(hamming_scores(query_codes, key_codes, bits), key_valid, budget)
 
 
@@ -472,6 +473,12 @@ def _score_select_triton(
     return out
 
 
+def kernel_serves(group: int, bits: int) -> bool:
+    """Whether the kernels' shifted scores fit: int16 scores and at most 5 |d| planes (G < 64)."""
+    scaled = group >> (1 - group % 2)
+    return bits * scaled < FORCED - 1 and scaled < 32
+
+
 def score_select(
     query_codes: torch.Tensor,
     key_codes: torch.Tensor,
@@ -491,8 +498,7 @@ def score_select(
     """
     if not _triton.use_kernel((query_codes, key_codes, key_valid), use_kernel, force_reference):
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
-    group = query_codes.shape[1] // key_codes.shape[1]
-    if bits * (group >> (1 - group % 2)) >= FORCED - 1 or (group >> (1 - group % 2)) >= 32:  # int16, 5 planes
+    if not kernel_serves(query_codes.shape[1] // key_codes.shape[1], bits):
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
     plan = plan if plan is not None else plan_select(key_valid, budget)
     if plan.budget != budget:

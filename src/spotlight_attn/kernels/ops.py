@@ -1,0 +1,101 @@
+"""The decode step's kernels as registered torch custom ops, so torch.compile and CUDA graphs take them.
+
+A decode step over the static cache (static_cache.py) calls these three; each has a fake (meta)
+implementation for tracing and one real implementation for every device: on CUDA tensors the Triton
+kernel (or flash-attention), elsewhere the pure-torch reference (or the Triton interpreter when
+`use_kernel` asks for it, as the tests do). Nothing in them reads the device from the host, and their
+outputs have shapes fixed by their arguments, so a whole decode step can be captured in one graph.
+
+    spotlight::score_select(query_codes, key_codes, bounds, k, bits, sink, window, use_kernel) -> indices
+    spotlight::sparse_decode(query, keys, values, indices, scaling, use_kernel) -> out
+    spotlight::dense_decode(query, keys_by_token, values_by_token, lengths, cu_k, scaling) -> out
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spotlight_attn.config import Budget
+from spotlight_attn.kernels import _triton
+
+
+def _use(tensors, use_kernel: int) -> bool:
+    """use_kernel: -1 = the device decides (kernel on CUDA), 0 = reference, 1 = kernel (interpreter on CPU)."""
+    return _triton.use_kernel(tensors, None if use_kernel < 0 else bool(use_kernel))
+
+
+@torch.library.custom_op("spotlight::score_select", mutates_args=())
+def score_select_op(
+    query_codes: torch.Tensor, key_codes: torch.Tensor, bounds: torch.Tensor, k: int, bits: int, sink: int, window: int,
+    use_kernel: int = -1,
+) -> torch.Tensor:
+    """query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32, bounds [B, 3] int32 (valid run start,
+    end, keys to read: kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails."""
+    from spotlight_attn.kernels.score_select import SelectPlan, _score_select_triton, kernel_serves
+
+    budget = Budget(0, min_tokens=0, sink=sink, window=window)
+    group = query_codes.shape[1] // key_codes.shape[1]
+    if _use((query_codes, key_codes, bounds), use_kernel) and kernel_serves(group, bits):
+        plan = SelectPlan(budget, k, (k,) * bounds.shape[0], bounds, True)
+        return _score_select_triton(query_codes, key_codes, plan, bits)
+    return _score_select_rows_reference(query_codes, key_codes, bounds, k, bits, budget)
+
+
+def _score_select_rows_reference(query_codes, key_codes, bounds, k, bits, budget: Budget) -> torch.Tensor:
+    """The reference, row by row: row b reads bounds[b, 2] keys of its valid run, padded to k with -1."""
+    from spotlight_attn.kernels.score_select import hamming_scores
+    from spotlight_attn.selection.topk import select_topk
+
+    b, hkv, t = key_codes.shape[0], key_codes.shape[1], key_codes.shape[2]
+    out = torch.full((b, hkv, k), -1, dtype=torch.int64, device=key_codes.device)
+    scores = hamming_scores(query_codes, key_codes, bits)  # [B, Hkv, T]
+    positions = torch.arange(t, device=key_codes.device)
+    for row, (start, end, k_row) in enumerate(bounds.tolist()):
+        valid = ((positions >= start) & (positions < end))[None]  # [1, T]
+        row_budget = Budget(int(k_row), min_tokens=0, sink=budget.sink, window=budget.window)
+        picked = select_topk(scores[row : row + 1], valid, row_budget)[0]  # [Hkv, k_row]
+        out[row, :, : picked.shape[-1]] = picked
+    return out
+
+
+@score_select_op.register_fake
+def _(query_codes, key_codes, bounds, k, bits, sink, window, use_kernel=-1):
+    return key_codes.new_empty((key_codes.shape[0], key_codes.shape[1], k), dtype=torch.int64)
+
+
+@torch.library.custom_op("spotlight::sparse_decode", mutates_args=())
+def sparse_decode_op(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scaling: float,
+    use_kernel: int = -1,
+) -> torch.Tensor:
+    """query [B, Hq, 1, D], keys/values [B, Hkv, T, D] (any strides, last dim contiguous), indices
+    [B, Hkv, k] int64 (-1 = unused) -> attention over the selected rows [B, Hq, 1, D]."""
+    from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton, sparse_decode_reference
+
+    if _use((query, keys, values, indices), use_kernel):
+        return _sparse_decode_triton(query, keys, values, indices, scaling)
+    return sparse_decode_reference(query, keys, values, indices, scaling)
+
+
+@sparse_decode_op.register_fake
+def _(query, keys, values, indices, scaling, use_kernel=-1):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("spotlight::dense_decode", mutates_args=())
+def dense_decode_op(
+    query: torch.Tensor, keys_by_token: torch.Tensor, values_by_token: torch.Tensor, lengths: torch.Tensor,
+    cu_k: torch.Tensor, scaling: float,
+) -> torch.Tensor:
+    """One query token per row over every held key: query [B, Hq, 1, D], keys/values by token
+    [B, T, Hkv, D], lengths [B] (keys held per row: positions [0, lengths[b])), cu_k [B + 1] int32
+    (= arange(B + 1) * T) -> [B, Hq, 1, D]. Flash-attention's varlen kernel where it runs (no mask,
+    no host read), else SDPA with a padding mask."""
+    from spotlight_attn.kernels.dense import dense_decode
+
+    return dense_decode(query, keys_by_token, values_by_token, lengths, cu_k, scaling)
+
+
+@dense_decode_op.register_fake
+def _(query, keys_by_token, values_by_token, lengths, cu_k, scaling):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)

@@ -1,0 +1,48 @@
+"""Attention over the static cache (static_cache.py): the fast generate() path.
+
+- Prefill (query length > 1, eager): dense, causal, over each row's held keys (kernels/dense.py:
+  flash varlen on CUDA, no [S, T] mask); the keys were hashed as the layer wrote them.
+- Decode (query length 1): a dense layer reads every held key (flash varlen with per-row lengths);
+  a hash layer hashes the query, builds its selection plan on the device from the row lengths, selects
+  a fixed-width index buffer (score_select, -1 padding) and attends over it (sparse_decode). The
+  kernels are registered custom ops (kernels/ops.py), nothing reads the device from the host, and
+  every shape is fixed by the cache: the step compiles with fullgraph=True and replays as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spotlight_attn.config import Method
+from spotlight_attn.kernels import ops
+from spotlight_attn.kernels.dense import dense_prefill
+from spotlight_attn.kernels.score_select import device_tokens_for
+
+# Methods the static cache serves; the others (oracle, quest, streaming) decode over the dynamic cache.
+STATIC_METHODS = (Method.DENSE, Method.SPOTLIGHT, Method.LINEAR)
+
+
+def static_attention(installed, cache, layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """query [B, Hq, S, D] (post-RoPE), after layer.update -> [B, S, Hq, D]."""
+    if query.shape[2] > 1:
+        return dense_prefill(query, layer.k_by_token, layer.v_by_token, cache.seq.new_valid, layer.lengths, scaling)
+    config = installed.config
+    hkv = layer.k_by_token.shape[2]
+    held = layer.lengths.sum() * hkv
+    if layer.key_hasher is None:  # a dense layer, or method dense
+        out = ops.dense_decode_op(query, layer.k_by_token, layer.v_by_token, layer.lengths, layer.cu_k, scaling)
+        cache.read.add_(held)
+    else:
+        budget = config.budget_spec
+        hasher = installed.selector.hasher
+        use_kernel = 0 if config.force_reference else -1
+        k_rows = device_tokens_for(layer.lengths, budget)  # [B]
+        bounds = torch.stack([torch.zeros_like(k_rows), layer.lengths, k_rows], dim=1).to(torch.int32)  # [B, 3]
+        query_codes = hasher.query_codes(layer.layer_idx, query)  # [B, Hq, 1, W]
+        indices = ops.score_select_op(
+            query_codes, layer.codes, bounds, cache.k, hasher.bits, budget.sink, budget.window, use_kernel
+        )  # [B, Hkv, k]
+        out = ops.sparse_decode_op(query, layer.keys, layer.values, indices, scaling, use_kernel)  # [B, Hq, 1, D]
+        cache.read.add_(k_rows.sum() * hkv)
+    cache.cached.add_(held)
+    return out.transpose(1, 2)

@@ -1,0 +1,213 @@
+"""SpotlightStaticCache: K/V and packed key codes preallocated once, for compiled, graph-captured generate().
+
+Chosen the way transformers users choose a static cache: `generate(..., cache_implementation="static")`
+or `model.generation_config.cache_implementation = "static"` (enable() sets the latter on CUDA). The
+decoder's pre-hook (attention.py) puts this cache where generate() made transformers' own (empty,
+lazily allocated) StaticCache, with the same capacity; the next generate() call of the same shape
+reuses it, so compiled graphs keep their buffers.
+
+Per layer:
+- k_by_token, v_by_token [B, T_max, Hkv, D], token-major, so flash-attention's varlen kernel reads
+  them as [B * T_max, Hkv, D]; `keys` / `values` are their [B, Hkv, T_max, D] views (no copy), the
+  layout transformers' attention functions take.
+- codes [B, Hkv, T_max, W] int32 on hash layers: each key is hashed once, when it is written.
+- lengths [B] int64: keys held per row. Row b's tokens sit at [0, lengths[b]) whatever its padding:
+  a prefill writes only real tokens, packed. generate() numbers positions by the padding mask's
+  cumsum, so a token's RoPE position is its packed index.
+- seen: 0-d int64, columns processed (padding included), what get_seq_length reports (transformers'
+  StaticLayer does the same).
+A decode step (one new token per row) writes at lengths[b] and adds 1: fixed shapes and no host
+read, so the whole step compiles and is captured in a CUDA graph. The buffers are marked static
+addresses, as transformers marks its own, so CUDA graphs read them in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from spotlight_attn.config import Budget
+from spotlight_attn.errors import SpotlightError
+
+ALIGN = 64  # T_max is rounded up to this, so every head's rows of codes start 16-byte aligned
+
+
+class StaticSequence:
+    """What the layers of one forward share: which of the new tokens are real (None: all of them)."""
+
+    def __init__(self):
+        self.new_valid: torch.Tensor | None = None  # [B, S] bool
+
+
+def _static(*tensors: torch.Tensor) -> None:
+    if not torch.compiler.is_compiling():
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
+
+
+class SpotlightStaticLayer(CacheLayerMixin):
+    """One layer's preallocated K/V (+ codes); transformers' CacheLayer contract."""
+
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, seq: StaticSequence, layer_idx: int, max_tokens: int, key_hasher=None, words: int = 0):
+        super().__init__()
+        self.seq = seq
+        self.layer_idx = layer_idx
+        self.max_tokens = -(-max_tokens // ALIGN) * ALIGN
+        self.key_hasher = key_hasher  # keys [B, Hkv, n, D] -> codes [B, Hkv, n, W], or None (dense layer)
+        self.words = words
+        self.codes: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, hkv, _, d = key_states.shape
+        self._allocate(b, hkv, d, value_states.shape[-1], key_states.dtype, key_states.device)
+
+    def _allocate(self, b, hkv, d, dv, dtype, device) -> None:
+        """Zeroed buffers: a masked dense kernel multiplies unheld positions by zero weights, so they
+        must hold finite numbers."""
+        t = self.max_tokens
+        self.device, self.dtype = device, dtype
+        self.k_by_token = torch.zeros(b, t, hkv, d, dtype=dtype, device=device)
+        self.v_by_token = torch.zeros(b, t, hkv, dv, dtype=dtype, device=device)
+        self.keys, self.values = self.k_by_token.transpose(1, 2), self.v_by_token.transpose(1, 2)  # [B, Hkv, T, D]
+        if self.key_hasher is not None:
+            self.codes = torch.zeros(b, hkv, t, self.words, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(b, dtype=torch.int64, device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.rows = torch.arange(b, device=device)
+        self.cu_k = torch.arange(b + 1, dtype=torch.int32, device=device) * t  # row starts in [B * T, Hkv, D]
+        _static(self.k_by_token, self.v_by_token, self.lengths, self.seen, self.rows, self.cu_k,
+                *([self.codes] if self.codes is not None else []))
+        self.is_initialized = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_by_token.shape[0]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens [B, Hkv, S, D] after each row's held keys -> the full (keys, values) views."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        s = key_states.shape[-2]
+        if s > 1 and not torch.compiler.is_compiling() and int(self.seen) + s > self.max_tokens:
+            raise SpotlightError(
+                f"the static cache holds {self.max_tokens} tokens and has seen {int(self.seen)}: {s} more do not fit; "
+                "raise max_new_tokens or generation_config.max_cache_len"
+            )
+        k_new, v_new = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, S, Hkv, D]
+        codes_new = None if self.key_hasher is None else self.key_hasher(key_states).transpose(1, 2)  # [B, S, Hkv, W]
+        valid = self.seq.new_valid
+        if valid is None:  # every new token is real: fixed shapes, the decode step's path
+            slots = self.lengths[:, None] + torch.arange(s, device=self.device)  # [B, S]
+            rows = self.rows[:, None].expand(-1, s)
+            added = s
+        else:  # a padded prefill: pack each row's real tokens (eager)
+            slots = (self.lengths[:, None] + valid.long().cumsum(-1) - 1)[valid]  # [n_real]
+            rows = self.rows[:, None].expand(-1, s)[valid]
+            k_new, v_new = k_new[valid], v_new[valid]
+            codes_new = None if codes_new is None else codes_new[valid]
+            added = valid.sum(-1)
+        self.k_by_token[rows, slots] = k_new
+        self.v_by_token[rows, slots] = v_new
+        if codes_new is not None:
+            self.codes.permute(0, 2, 1, 3)[rows, slots] = codes_new  # codes [B, Hkv, T, W] seen as [B, T, Hkv, W]
+        self.lengths.add_(added)
+        self.seen.add_(s)
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.seen if self.is_initialized else 0
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.max_tokens, 0  # the padding carrier spans the whole buffer, a fixed shape
+
+    def get_max_length(self) -> int:
+        return self.max_tokens
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_tokens
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.lengths.zero_()
+            self.seen.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove tokens of every row (a negative count, as transformers' static layers take)."""
+        if tokens_to_remove > 0:
+            raise SpotlightError("the static cache crops by a negative count: the number of tokens to remove")
+        if self.is_initialized:
+            self.lengths.sub_(-tokens_to_remove).clamp_(min=0)
+            self.seen.sub_(-tokens_to_remove).clamp_(min=0)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [self.k_by_token, self.v_by_token, self.lengths] + ([self.codes] if self.codes is not None else [])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: rows follow beam_idx, in place (the buffers keep their addresses)."""
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            for buffer in self._buffers():
+                buffer.copy_(buffer.index_select(0, beam_idx))
+
+    def _rebatch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        old = {name: getattr(self, name) for name in ("k_by_token", "v_by_token", "lengths", "codes")}
+        b, _, hkv, d = fn(old["k_by_token"]).shape
+        seen = self.seen.clone()
+        self._allocate(b, hkv, d, old["v_by_token"].shape[-1], self.dtype, self.device)
+        for name, tensor in old.items():
+            if tensor is not None:
+                getattr(self, name).copy_(fn(tensor))
+        self.seen.copy_(seen)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rebatch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rebatch(lambda t: t[indices.to(t.device)])
+
+
+class SpotlightStaticCache(Cache):
+    """One SpotlightStaticLayer per model layer, sharing one StaticSequence.
+
+    `read` / `cached` (0-d tensors, updated in place by the attention step): keys read and valid keys
+    held, summed over decode steps and layers (attention.read_fraction). `k` is the fixed width of a
+    hash layer's index buffer: the budget's token count at full capacity (rows that read fewer pad -1).
+    """
+
+    def __init__(self, layer_specs: list[tuple], max_tokens: int, budget: Budget, owner=None):
+        """layer_specs[i] = (key hasher or None, code words) of layer i."""
+        self.seq = StaticSequence()
+        self.owner = owner
+        layers = [SpotlightStaticLayer(self.seq, i, max_tokens, hasher, words) for i, (hasher, words) in enumerate(layer_specs)]
+        super().__init__(layers=layers)
+        self.k = budget.tokens_for(self.max_tokens)
+        self.read = torch.zeros((), dtype=torch.int64)
+        self.cached = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.layers[0].max_tokens
+
+    def counters_to(self, device: torch.device) -> None:
+        """Put the read counters on the cache's device (once, before compiled steps use them)."""
+        if self.read.device != device:
+            self.read, self.cached = self.read.to(device), self.cached.to(device)
+            _static(self.read, self.cached)
+
+    def fits(self, batch: int, max_tokens: int, device, dtype) -> bool:
+        """Whether this cache can serve a generate() call of this batch and capacity (it is then reset and reused)."""
+        layer = self.layers[0]
+        if not layer.is_initialized:
+            return False
+        return layer.batch_size == batch and layer.max_tokens >= max_tokens and layer.device == device and layer.dtype == dtype
+
+    def reset(self) -> None:
+        super().reset()
+        self.read.zero_()
+        self.cached.zero_()
