@@ -4,8 +4,9 @@ Every timed token comes out of transformers' own generate(), compiled and graph-
 does for a static cache (torch.compile, mode reduce-overhead). Rows per (shape, context, batch):
 - `hf-static`: transformers' StaticCache with sdpa: stock static-cache generation;
 - `dense`: this library's dense path over its static cache (flash varlen over each row's held keys);
-- `<hasher>-<bits> <budget>`: spotlight, with SimHash (`linear`) or the learned-hash shape (`mlp`,
-  2 residual blocks of width head_dim; untrained, which changes values, not speed).
+- `<hasher>-<bits> <budget>`: spotlight, with SimHash (`linear`), the learned-hash shape (`mlp`,
+  2 residual blocks of width head_dim; untrained, which changes values, not speed), or the trained
+  hasher that ships for a real model (`learned`).
 x_dense is tokens/s over the faster of the two dense rows.
 
 Two ways to reach a long context:
@@ -26,13 +27,14 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from spotlight_attn import compat
 from spotlight_attn.config import HasherConfig, SpotlightConfig
+from spotlight_attn.errors import SpotlightError
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class DecodeRow:
     x_floor: float = float("nan")  # measured step / bytes floor
     peak_gib: float = float("nan")
     weights: str = "random"  # random | real
+    warmup_s: float = float("nan")  # the warm-up call: compilation and graph capture included
     command: str = ""
 
     @property
@@ -244,6 +247,14 @@ def _configs(model, settings: Settings):
             hasher = None
             if kind == "mlp":
                 hasher = MLPHasher(g, HasherConfig(bits=settings.bits, depth=2, width=g.head_dim), layers=sparse).to(device)
+            elif kind == "learned":
+                from spotlight_attn.hashing import load_hasher, shipped_hasher
+
+                path = shipped_hasher(model)
+                if path is None:
+                    raise SpotlightError("hasher 'learned' needs a model a hasher ships for (--model smollm2-135m or its GGUF)")
+                hasher = load_hasher(path, model, device=device)
+                config = replace(config, dense_layers=tuple(i for i in range(g.num_layers) if i not in hasher.layers))
             yield (method, kind, budget, config, hasher)
 
 
@@ -325,7 +336,9 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
                     cache, rewind = _fill_spotlight(model, batch, context, max_tokens, seed=0)
             if rewind:
                 rewind()
+            started = time.perf_counter()
             _timed_generate(model, ids, mask, cache, s.warmup)  # compiles, captures
+            warmup_s = time.perf_counter() - started
             if rewind:
                 rewind()
             torch.cuda.synchronize(device)
@@ -341,6 +354,8 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
         row = DecodeRow(torch.cuda.get_device_name(device), shape_name, context, batch, method, hasher_name, budget,
                         batch / step, step * 1e3, weights="real" if real else "random", command=command)
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        row.warmup_s = warmup_s
+        log(f"#   {row.label}: {row.ms_per_step:.3f} ms/step, warm-up call {warmup_s:.1f} s")
         out.append(row)
     _finish(out, model, s, bandwidth)
     for row in out:
@@ -365,6 +380,8 @@ def _finish(rows: list[DecodeRow], model, s: Settings, bandwidth: float) -> None
         if row.hasher != "none":
             config = SpotlightConfig(method=row.method, budget=row.budget, bits=s.bits, dense_layers=s.dense_layers)
             hasher = make_selector(config, None, g, device).hasher if row.method == "linear" else _mlp_shape(g, s, device)
+            if row.hasher == "learned":
+                config = replace(config, dense_layers=tuple(i for i in range(g.num_layers) if i not in hasher.layers))
         lengths = [row.context + s.steps // 2] * row.batch
         row.floor_ms = step_floor_bytes(model, lengths, config, hasher) / bandwidth * 1e3
         row.x_floor = row.ms_per_step / row.floor_ms

@@ -87,7 +87,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     dec.add_argument("--context", default="32K,128K", help="tokens held per row when decoding starts (default: %(default)s)")
     dec.add_argument("--batch", default="1,6", help="(default: %(default)s)")
     dec.add_argument("--budget", default="0.02", help="comma-separated budgets (default: %(default)s)")
-    dec.add_argument("--hasher", default="linear,mlp", help="linear (SimHash) and/or mlp (learned-hash shape, untrained: speed only) (default: %(default)s)")
+    dec.add_argument("--hasher", default="linear,mlp",
+                     help="linear (SimHash), mlp (learned-hash shape, untrained: speed only), learned (the hasher shipped for --model) (default: %(default)s)")
     dec.add_argument("--baselines", default="hf-static,dense",
                      help="dense rows: hf-static (transformers' StaticCache + sdpa), dense (ours, flash varlen) (default: %(default)s)")
     dec.add_argument("--bits", type=int, default=128, help="code bits (default: %(default)s)")
@@ -133,7 +134,7 @@ def run_decode(args) -> int:
     from spotlight_attn.decode_bench import SHAPES, Settings, plot, rows_as_dicts, run_decode_bench
 
     shapes = _names(args.shape, SHAPES, "shape") if args.model is None else [Path(str(args.model)).stem]
-    hashers = tuple(_names(args.hasher, ("linear", "mlp"), "hasher")) if args.hasher.strip() else ()
+    hashers = tuple(_names(args.hasher, ("linear", "mlp", "learned"), "hasher")) if args.hasher.strip() else ()
     baselines = tuple(_names(args.baselines, ("hf-static", "dense"), "baseline"))
     contexts, batches = parse_tokens(args.context), parse_ints(args.batch, "batch")
     budgets = parse_budgets(args.budget)
