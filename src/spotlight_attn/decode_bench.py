@@ -107,7 +107,7 @@ class DecodeRow:
         if self.hasher in ("none", ""):
             return self.method
         amount = f"{self.budget * 100:g}%" if isinstance(self.budget, float) else str(self.budget)
-        return f"{self.hasher}-{self.method} {amount}" if self.method != "linear" else f"linear {amount}"
+        return f"{self.hasher} {amount}"
 
     def line(self) -> str:
         return (f"{self.shape:13s} {_ctx(self.context):>5s} {self.batch:3d} {self.label:22s} {self.ms_per_step:9.3f} "
@@ -214,7 +214,8 @@ def _fill_hf_static(model, batch: int, context: int, max_tokens: int, seed: int)
 def _timed_generate(model, ids, mask, cache, new_tokens: int) -> float:
     """Run generate() for `new_tokens` tokens; -> seconds per step from the first new token to the last."""
     clock = _Clock()
-    kwargs = {} if cache is None else {compat.cache_argument(model): cache}
+    # A cache of one's own goes with cache_implementation=None (transformers refuses both at once).
+    kwargs = {} if cache is None else {compat.cache_argument(model): cache, "cache_implementation": None}
     model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    streamer=clock, pad_token_id=0, **kwargs)
     stamps = clock.stamps[1:]  # [0] is the prompt
