@@ -350,7 +350,8 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
         finally:
             if config is None and real:
                 model.generation_config.cache_implementation = None
-            del cache
+            disable(model)
+            del cache, rewind  # rewind holds the cache too: both go before the next row allocates its own
             _reset_compiled(model)
         row = DecodeRow(torch.cuda.get_device_name(device), shape_name, context, batch, method, hasher_name, budget,
                         batch / step, step * 1e3, weights="real" if real else "random", command=command)

@@ -42,7 +42,8 @@ def static_attention(installed, cache, layer, query: torch.Tensor, scaling: floa
         indices = ops.score_select_op(
             query_codes, layer.codes, bounds, cache.k, hasher.bits, budget.sink, budget.window, use_kernel
         )  # [B, Hkv, k]
-        out = ops.sparse_decode_op(query, layer.keys, layer.values, indices, scaling, use_kernel)  # [B, Hq, 1, D]
+        keys, values = layer.k_by_token.transpose(1, 2), layer.v_by_token.transpose(1, 2)  # [B, Hkv, T, D] (see update)
+        out = ops.sparse_decode_op(query, keys, values, indices, scaling, use_kernel)  # [B, Hq, 1, D]
         cache.read.add_(k_rows.sum() * hkv)
     cache.cached.add_(held)
     return out.transpose(1, 2)

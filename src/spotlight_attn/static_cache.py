@@ -116,7 +116,9 @@ class SpotlightStaticLayer(CacheLayerMixin):
             self.codes.permute(0, 2, 1, 3)[rows, slots] = codes_new  # codes [B, Hkv, T, W] seen as [B, T, Hkv, W]
         self.lengths.add_(added)
         self.seen.add_(s)
-        return self.keys, self.values
+        # Views made here, not the stored ones: inside a compiled step a stored view would enter the graph
+        # as an input aliasing a mutated buffer, which makes torch.compile skip CUDA graphs.
+        return self.k_by_token.transpose(1, 2), self.v_by_token.transpose(1, 2)
 
     def get_seq_length(self):
         return self.seen if self.is_initialized else 0
