@@ -1,13 +1,14 @@
 """Draw docs/decode_*.png from the JSON rows that `spotlight bench decode --json` wrote.
 
     python3 benchmarks/plot_decode.py OUT.png "title" rows1.json [rows2.json ...]
+
+docs/decode_generate.png: python3 benchmarks/plot_decode.py docs/decode_generate.png "..." docs/results/decode_generate.json
 """
 
 import json
 import sys
 
-from spotlight_attn.engine.bench import DecodeRow
-from spotlight_attn.engine.plot import plot
+from spotlight_attn.decode_bench import DecodeRow, plot
 
 if __name__ == "__main__":
     out, title, *paths = sys.argv[1:]

@@ -282,6 +282,7 @@ def run_decode_bench(shapes, contexts, batches, settings: Settings, *, model_spe
 
             model, tokenizer = load_model(model_spec, dtype=torch.bfloat16, device=device)
             model.generation_config.eos_token_id = None
+            shape_name = _shape_of(model) or shape_name
         else:
             model = build_model(SHAPES[shape_name], max(contexts) + settings.steps + settings.warmup + 256, device)
         log(f"# {shape_name} ({'real weights from ' + str(model_spec) if real else 'random weights'}): "
@@ -294,6 +295,17 @@ def run_decode_bench(shapes, contexts, batches, settings: Settings, *, model_spe
         del model
         _reset_compiled_all()
     return rows
+
+
+def _shape_of(model) -> str | None:
+    """The SHAPES name whose geometry a loaded model has (a real SmolLM2 is 'smollm2-135m'), or None."""
+    c = model.config
+    for name, shape in SHAPES.items():
+        if (shape.layers, shape.hidden, shape.q_heads, shape.kv_heads, shape.vocab) == (
+            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size
+        ):
+            return name
+    return None
 
 
 def _reset_compiled_all() -> None:

@@ -197,10 +197,15 @@ class SpotlightStaticCache(Cache):
         return self.layers[0].max_tokens
 
     def counters_to(self, device: torch.device) -> None:
-        """Put the read counters on the cache's device (once, before compiled steps use them)."""
+        """Put the read counters on the cache's device, and make the kernels' completion counters there
+        now: made inside a compiled step's first (warm-up) run they would land in its CUDA-graph pool."""
+        from spotlight_attn.kernels import _triton
+
         if self.read.device != device:
             self.read, self.cached = self.read.to(device), self.cached.to(device)
             _static(self.read, self.cached)
+        if device.type == "cuda":
+            _triton.zeroed_counters(device, 1)
 
     def fits(self, batch: int, max_tokens: int, device, dtype) -> bool:
         """Whether this cache can serve a generate() call of this batch and capacity (it is then reset and reused)."""
