@@ -33,7 +33,9 @@ from typing import Callable
 import torch
 
 from spotlight_attn import compat
+from spotlight_attn.bench import _ctx
 from spotlight_attn.config import HasherConfig, SpotlightConfig
+from spotlight_attn.demo import _StepClock
 from spotlight_attn.errors import SpotlightError
 
 logger = logging.getLogger(__name__)
@@ -117,23 +119,6 @@ class DecodeRow:
 HEADER = f"{'shape':13s} {'ctx':>5s} {'B':>3s} {'method':22s} {'ms/step':>9s} {'tok/s':>9s} {'xdense':>6s} {'floorms':>8s} {'xfloor':>6s} {'peakGiB':>7s}"
 
 
-def _ctx(t: int) -> str:
-    return f"{t >> 10}K" if t % 1024 == 0 else str(t)
-
-
-class _Clock:
-    """A generate() streamer that stamps each push (the prompt first, then each new token)."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def put(self, value):
-        self.stamps.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def build_model(shape: Shape, max_positions: int, device, dtype=torch.bfloat16):
     """A random-weight LlamaForCausalLM of this shape, built directly on the device."""
     from transformers import AutoModelForCausalLM
@@ -213,7 +198,7 @@ def _fill_hf_static(model, batch: int, context: int, max_tokens: int, seed: int)
 
 def _timed_generate(model, ids, mask, cache, new_tokens: int) -> float:
     """Run generate() for `new_tokens` tokens; -> seconds per step from the first new token to the last."""
-    clock = _Clock()
+    clock = _StepClock()
     # A cache of one's own goes with cache_implementation=None (transformers refuses both at once).
     kwargs = {} if cache is None else {compat.cache_argument(model): cache, "cache_implementation": None}
     model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
