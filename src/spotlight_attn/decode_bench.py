@@ -207,9 +207,9 @@ def _timed_generate(model, ids, mask, cache, new_tokens: int) -> float:
     return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
 
 
-def _reset_compiled(model) -> None:
-    """Drop the compiled forward and its graphs before the next configuration."""
-    if hasattr(model, "_compiled_call"):
+def _reset_compiled(model=None) -> None:
+    """Drop the compiled forward (of `model`, if given) and its graphs before the next configuration."""
+    if model is not None and hasattr(model, "_compiled_call"):
         del model._compiled_call
     torch._dynamo.reset()
     gc.collect()
@@ -278,7 +278,7 @@ def run_decode_bench(shapes, contexts, batches, settings: Settings, *, model_spe
                 rows += _one_config(model, shape_name, context, batch, settings, bandwidth, device, log, real,
                                     tokenizer if real else None, command, enable, disable)
         del model
-        _reset_compiled_all()
+        _reset_compiled()
     return rows
 
 
@@ -291,12 +291,6 @@ def _shape_of(model) -> str | None:
         ):
             return name
     return None
-
-
-def _reset_compiled_all() -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def _prompt(model, tokenizer, context: int, batch: int, device):
