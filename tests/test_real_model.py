@@ -107,3 +107,24 @@ def test_spotlight_demo_defaults_answer_with_the_shipped_hasher(smollm2, capsys)
     out = capsys.readouterr().out
     assert "spotlight (128-bit learned hash smollm2-135m.safetensors), budget 10% of the cache" in out, out
     assert out.count("-> correct") == 2, out
+
+
+def test_static_cache_generate_on_the_real_model_with_stop_strings(smollm2):
+    """The static-cache path (the GPU default, chosen here by hand) on the real model and tokenizer:
+    the same greedy text as dense at full budget, and generate()'s stop strings end it where asked."""
+    from spotlight_attn.compat import output_cache
+    from spotlight_attn.static_cache import SpotlightStaticCache
+
+    model, tokenizer = smollm2
+    ids, mask = chat_ids(tokenizer, "What was the name of the green schooner?", PASSAGE)
+    sa.disable(model)
+    expected = greedy_text(model, tokenizer, ids, mask)
+    sa.enable(model, None, SpotlightConfig(method="linear", budget=1.0, cache="static"))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(output_cache(out), SpotlightStaticCache)
+    assert tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True) == expected
+    stop = expected.split()[2]  # a word the reply reaches after a few tokens
+    cut = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    text = tokenizer.decode(cut[0, ids.shape[1] :], skip_special_tokens=True)
+    assert expected.startswith(text) and text.endswith(stop) and len(text) < len(expected), (text, stop, expected)
+    sa.disable(model)
