@@ -37,12 +37,11 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from spotlight_attn import compat
 from spotlight_attn.cache import SpotlightCache
-from spotlight_attn.static_attention import STATIC_METHODS, static_attention
-from spotlight_attn.static_cache import SpotlightStaticCache
 from spotlight_attn.config import Method, SpotlightConfig
 from spotlight_attn.errors import HasherMismatchError, SpotlightError
 from spotlight_attn.hashing.checkpoint import check_geometry
 from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
+from spotlight_attn.kernels.dense import causal_mask
 from spotlight_attn.kernels.sparse_decode import sparse_decode
 from spotlight_attn.models import ModelGeometry
 from spotlight_attn.selection.topk import select_topk, selected_mask
@@ -54,6 +53,8 @@ from spotlight_attn.selection.selectors import (
     Selector,
     StreamingSelector,
 )
+from spotlight_attn.static_attention import STATIC_METHODS, static_attention
+from spotlight_attn.static_cache import SpotlightStaticCache
 
 logger = logging.getLogger(__name__)
 ATTENTION_NAME = "spotlight"
@@ -153,7 +154,7 @@ def _dense_attention(query, key, value, valid: torch.Tensor | None, scaling: flo
     s, t = query.shape[2], key.shape[2]
     mask = None
     if s > 1:
-        mask = (torch.arange(t, device=query.device)[None, :] <= (t - s) + torch.arange(s, device=query.device)[:, None])[None, None]
+        mask = causal_mask(s, t, query.device)[None, None]  # [1, 1, S, T]
     if valid is not None:
         padding = valid[:, None, None, :]  # [B, 1, 1, T]
         mask = padding if mask is None else mask & padding
@@ -303,7 +304,7 @@ def _before_decoder_forward(installed: Installed, signature: inspect.Signature, 
     else:
         total = cache.get_seq_length() + new
         valid = _padding(kwargs.get("attention_mask"))
-        if valid is not None and valid.dim() == 2 and valid.shape[-1] > total:
+        if valid is not None and valid.shape[-1] > total:
             valid = valid[:, :total]  # a carrier sized for the static cache generate() first made: the rest is padding
         cache.set_attention_mask(valid, total, batch)
     kwargs[installed.cache_argument] = kwargs["spotlight_cache"] = cache

@@ -311,10 +311,12 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
     else:
         ids = torch.randint(3, model.config.vocab_size, (batch, context + 1), device=device)
         mask = torch.ones_like(ids)
+    lengths = [context + s.steps // 2] * batch  # the floor is counted at the timed call's middle step
     for method, hasher_name, budget, config, hasher in _configs(model, s):
         torch.cuda.reset_peak_memory_stats(device)
         disable(model)
         cache = rewind = None
+        floor_hasher = None
         try:
             if config is None:  # transformers' own path: sdpa over its StaticCache
                 model.set_attn_implementation("sdpa")
@@ -324,6 +326,7 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
                     cache, rewind = _fill_hf_static(model, batch, context, max_tokens, seed=0)
             else:
                 enable(model, hasher, config)
+                floor_hasher = getattr(model.spotlight.selector, "hasher", None)  # the one the rows decode with
                 if not real:
                     cache, rewind = _fill_spotlight(model, batch, context, max_tokens, seed=0)
             if rewind:
@@ -347,10 +350,11 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
         row = DecodeRow(torch.cuda.get_device_name(device), shape_name, context, batch, method, hasher_name, budget,
                         batch / step, step * 1e3, weights="real" if real else "random", command=command)
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        row.floor_ms = step_floor_bytes(model, lengths, config, floor_hasher) / bandwidth * 1e3
         row.warmup_s = warmup_s
         log(f"#   {row.label}: {row.ms_per_step:.3f} ms/step, warm-up call {warmup_s:.1f} s")
         out.append(row)
-    _finish(out, model, s, bandwidth)
+    _finish(out)
     for row in out:
         log(row.line())
     disable(model)
@@ -358,33 +362,13 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
     return out
 
 
-def _finish(rows: list[DecodeRow], model, s: Settings, bandwidth: float) -> None:
-    """x_dense against the faster dense row; the bytes floor of each row."""
-    from spotlight_attn.attention import make_selector
-    from spotlight_attn.models import ModelGeometry
-
+def _finish(rows: list[DecodeRow]) -> None:
+    """x_dense against the faster dense row, x_floor against each row's bytes floor."""
     dense = [r.tokens_per_s for r in rows if r.hasher == "none"]
     best = max(dense) if dense else float("nan")
-    g = ModelGeometry.from_model(model)
-    device = next(model.parameters()).device
     for row in rows:
         row.x_dense = row.tokens_per_s / best
-        config = hasher = None
-        if row.hasher != "none":
-            config = SpotlightConfig(method=row.method, budget=row.budget, bits=s.bits, dense_layers=s.dense_layers)
-            hasher = make_selector(config, None, g, device).hasher if row.method == "linear" else _mlp_shape(g, s, device)
-            if row.hasher == "learned":
-                config = replace(config, dense_layers=tuple(i for i in range(g.num_layers) if i not in hasher.layers))
-        lengths = [row.context + s.steps // 2] * row.batch
-        row.floor_ms = step_floor_bytes(model, lengths, config, hasher) / bandwidth * 1e3
         row.x_floor = row.ms_per_step / row.floor_ms
-
-
-def _mlp_shape(g, s: Settings, device):
-    from spotlight_attn.hashing import MLPHasher
-
-    sparse = [i for i in range(g.num_layers) if i not in s.dense_layers]
-    return MLPHasher(g, HasherConfig(bits=s.bits, depth=2, width=g.head_dim), layers=sparse).to(device)
 
 
 def rows_as_dicts(rows: list[DecodeRow]) -> list[dict]:

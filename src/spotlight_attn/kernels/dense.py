@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
+def causal_mask(new: int, total: int, device) -> torch.Tensor:
+    """[new, total] bool: the last `new` of `total` positions each see themselves and everything before."""
+    return torch.arange(total, device=device)[None, :] <= (total - new) + torch.arange(new, device=device)[:, None]
+
+
 def flash_varlen_available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether torch's flash-attention varlen op runs here (CUDA, sm80+, fp16/bf16, the op present)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
@@ -80,6 +85,7 @@ def dense_prefill(query, keys_by_token, values_by_token, new_valid, lengths, sca
         q = q_by_token[row][new_valid[row]].transpose(0, 1)  # [Hq, n, D]
         k = keys_by_token[row, :m].transpose(0, 1).repeat_interleave(group, 0)  # [Hq, m, D]
         v = values_by_token[row, :m].transpose(0, 1).repeat_interleave(group, 0)
-        causal = torch.arange(m, device=query.device)[None, :] <= (m - n) + torch.arange(n, device=query.device)[:, None]
-        out[row, new_valid[row]] = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scaling).transpose(0, 1)
+        out[row, new_valid[row]] = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_mask(n, m, query.device), scale=scaling
+        ).transpose(0, 1)
     return out
