@@ -35,6 +35,40 @@ def test_asymmetric_placement_has_a_query_hash_per_query_head():
     assert torch.equal(hasher.query_codes(0, q), pack_signs(hasher.banks["q0"](q)))
 
 
+def _bank_reference(bank, x):
+    """The bank head by head: x [B, n, S, D] -> [B, n, S, bits]."""
+    out = []
+    for h in range(x.shape[1]):
+        y = x[:, h].float()
+        for i in range(bank.w1.shape[0]):
+            y = y + torch.nn.functional.silu(y @ bank.w1[i, h] + bank.b1[i, h]) @ bank.w2[i, h] + bank.b2[i, h]
+        out.append(y @ bank.proj[h])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("batch,s", [(1, 1), (3, 5)])
+def test_the_bank_equals_its_per_head_reference(batch, s):
+    hasher = MLPHasher(geometry(q=6, kv=2), HasherConfig(bits=64, width=8, depth=2, init_scale=0.5), layers=[1])
+    bank = hasher.banks["k1"]
+    with torch.no_grad():
+        for p in (bank.b1, bank.b2):
+            p.normal_()
+        x = torch.randn(batch, 2, s, 16)
+        assert torch.allclose(bank(x), _bank_reference(bank, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("placement,group", [("shared", 3), ("shared", 1), ("asymmetric", 3)])
+def test_step_codes_equal_query_and_key_codes(placement, group):
+    """A decode step hashes its queries and new keys in one pass: the codes of the two separate calls."""
+    geo = geometry(q=2 * group, kv=2)
+    for hasher in (MLPHasher(geo, HasherConfig(bits=96, width=8, init_scale=0.5, placement=placement), layers=[2]),
+                   LinearHasher(geo, bits=96, layers=[2])):
+        q, k = torch.randn(3, 2 * group, 1, 16), torch.randn(3, 2, 1, 16)
+        q_codes, k_codes = hasher.step_codes(2, q, k)
+        assert q_codes.shape == (3, 2 * group, 1, 3) and k_codes.shape == (3, 2, 1, 3)
+        assert torch.equal(q_codes, hasher.query_codes(2, q)) and torch.equal(k_codes, hasher.key_codes(2, k))
+
+
 def test_soft_codes_are_a_smooth_sign_of_the_hard_codes():
     hasher = MLPHasher(geometry(), HasherConfig(bits=64, width=8), layers=[0])
     k = torch.randn(1, 2, 9, 16)

@@ -39,11 +39,22 @@ class HeadBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, n, S, D] -> pre-sign hash [B, n, S, bits], in the bank's dtype."""
-        x = x.to(self.proj.dtype)
+        x, unfold = _heads_first(x.to(self.proj.dtype))  # [n, B*S, D]
         for i in range(self.w1.shape[0]):
-            hidden = nn.functional.silu(x @ self.w1[i] + self.b1[i])  # [B, n, S, width]
-            x = x + hidden @ self.w2[i] + self.b2[i]  # [B, n, S, D]
-        return x @ self.proj  # [B, n, S, bits]
+            hidden = nn.functional.silu(torch.baddbmm(self.b1[i], x, self.w1[i]))  # [n, B*S, width]
+            x = x + torch.baddbmm(self.b2[i], hidden, self.w2[i])  # [n, B*S, D]
+        return unfold(torch.bmm(x, self.proj))  # [B, n, S, bits]
+
+
+def _heads_first(x: torch.Tensor):
+    """x [B, n, S, D] -> ([n, B*S, D], unfold), unfold: [n, B*S, m] -> [B, n, S, m] (a view).
+
+    Heads as the batch of one bmm per weight, every row of every batch in its M: broadcasting the
+    per-head weights over B instead makes torch.compile copy them B times per matmul (measured in
+    the compiled decode step's graph: one clone per weight per step)."""
+    b, n, s, d = x.shape
+    folded = x.transpose(0, 1).reshape(n, b * s, d)
+    return folded, lambda y: y.reshape(n, b, s, y.shape[-1]).transpose(0, 1)
 
 
 def _pack(hashed: torch.Tensor) -> torch.Tensor:
@@ -106,6 +117,20 @@ class _HasherBase(nn.Module):
         with torch.no_grad():
             return _pack(self.hash_queries(layer, queries))
 
+    def step_codes(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's codes: queries [B, Hq, S, D] and the step's new keys [B, Hkv, S_k, D] ->
+        (query codes [B, Hq, S, W], key codes [B, Hkv, S_k, W]). With a shared hash, one pass of the
+        bank over both (half the launches of two calls); the same codes as query_codes and key_codes."""
+        if self.placement is Placement.ASYMMETRIC:
+            return self.query_codes(layer, queries), self.key_codes(layer, keys)
+        b, hq, s, d = queries.shape
+        hkv = keys.shape[1]
+        rows = (hq // hkv) * s
+        with torch.no_grad():
+            both = torch.cat([queries.reshape(b, hkv, rows, d), keys.to(queries.dtype)], dim=2)  # [B, Hkv, G*S + S_k, D]
+            codes = _pack(self._bank("k", layer)(both))
+        return codes[:, :, :rows].reshape(b, hq, s, -1), codes[:, :, rows:]
+
     def soft_keys(self, layer: int, keys: torch.Tensor, gain: float = 64.0) -> torch.Tensor:
         return soft_sign(self.hash_keys(layer, keys), gain)
 
@@ -138,7 +163,8 @@ class _Projection(nn.Module):
         self.register_buffer("proj", proj)  # [Hkv, D, bits]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.proj.dtype) @ self.proj  # [B, n, S, bits]
+        x, unfold = _heads_first(x.to(self.proj.dtype))  # [n, B*S, D]
+        return unfold(torch.bmm(x, self.proj))  # [B, n, S, bits]
 
 
 class LinearHasher(_HasherBase):
