@@ -10,7 +10,8 @@ Per layer:
 - k_by_token, v_by_token [B, T_max, Hkv, D], token-major, so flash-attention's varlen kernel reads
   them as [B * T_max, Hkv, D]; `keys` / `values` are their [B, Hkv, T_max, D] views (no copy), the
   layout transformers' attention functions take.
-- codes [B, Hkv, T_max, W] int32 on hash layers: each key is hashed once, when it is written.
+- codes [B, Hkv, T_max, W] int32 on hash layers: each key is hashed once, as it enters: by update()
+  in a prefill, by the attention step in a decode step (with the query, in one pass: defers_codes).
 - lengths [B] int64: keys held per row. Row b's tokens sit at [0, lengths[b]) whatever its padding:
   a prefill writes only real tokens, packed. generate() numbers positions by the padding mask's
   cumsum, so a token's RoPE position is its packed index.
@@ -98,8 +99,9 @@ class SpotlightStaticLayer(CacheLayerMixin):
                 "raise max_new_tokens or generation_config.max_cache_len"
             )
         k_new, v_new = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, S, Hkv, D]
-        codes_new = None if self.key_hasher is None else self.key_hasher(key_states).transpose(1, 2)  # [B, S, Hkv, W]
         valid = self.seq.new_valid
+        hashed_here = self.key_hasher is not None and not self.defers_codes(s)
+        codes_new = self.key_hasher(key_states).transpose(1, 2) if hashed_here else None  # [B, S, Hkv, W]
         if valid is None:  # every new token is real: fixed shapes, the decode step's path
             slots = self.lengths[:, None] + torch.arange(s, device=self.device)  # [B, S]
             rows = self.rows[:, None].expand(-1, s)
@@ -119,6 +121,20 @@ class SpotlightStaticLayer(CacheLayerMixin):
         # Views made here, not the stored ones: inside a compiled step a stored view would enter the graph
         # as an input aliasing a mutated buffer, which makes torch.compile skip CUDA graphs.
         return self.k_by_token.transpose(1, 2), self.v_by_token.transpose(1, 2)
+
+    def defers_codes(self, s: int) -> bool:
+        """Whether a write of `s` new tokens leaves their codes to the attention step: a decode step
+        (one real token per row) on a hash layer, where static_attention hashes the key together with
+        the query (hasher.step_codes) and writes the codes with write_newest_codes."""
+        return self.key_hasher is not None and s == 1 and self.seq.new_valid is None
+
+    def newest_keys(self) -> torch.Tensor:
+        """The last key written in each row -> [B, Hkv, 1, D]."""
+        return self.k_by_token[self.rows, self.lengths - 1][:, :, None]
+
+    def write_newest_codes(self, codes: torch.Tensor) -> None:
+        """codes [B, Hkv, 1, W] of newest_keys(), into their slots."""
+        self.codes[self.rows, :, self.lengths - 1] = codes[:, :, 0]
 
     def get_seq_length(self):
         return self.seen if self.is_initialized else 0
@@ -189,6 +205,7 @@ class SpotlightStaticCache(Cache):
         layers = [SpotlightStaticLayer(self.seq, i, max_tokens, hasher, words) for i, (hasher, words) in enumerate(layer_specs)]
         super().__init__(layers=layers)
         self.k = budget.tokens_for(self.max_tokens)
+        self.hash_layers = sum(layer.key_hasher is not None for layer in self.layers)
         self.read = torch.zeros((), dtype=torch.int64)
         self.cached = torch.zeros((), dtype=torch.int64)
 
