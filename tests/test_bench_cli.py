@@ -43,3 +43,42 @@ def test_without_gpu_a_clear_error(kind):
     args = parse(["bench", kind, "--context", "4K", "--batch", "1"])
     with pytest.raises(SpotlightError, match="CUDA GPU"):
         args.run(args)
+
+
+def test_isolated_rows_run_one_process_each_and_share_the_dense_reference(monkeypatch):
+    """`bench decode` measures each row in a child process (`--no-isolate`, one method) and merges
+    them: x_dense of every row is against the faster dense row of its configuration."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from spotlight_attn import decode_bench as db
+
+    calls = []
+    speed = {"hf-static": 10.0, "dense": 40.0, "linear": 120.0}
+
+    def fake_run(argv, capture_output, text):
+        calls.append(argv)
+        opt = {argv[i]: argv[i + 1] for i in range(argv.index("decode") + 1, len(argv) - 1) if argv[i].startswith("--")}
+        assert "--no-isolate" in argv and (opt["--hasher"] == "") != (opt["--baselines"] == "")
+        method = opt["--baselines"] or opt["--hasher"]
+        row = db.DecodeRow("gpu", "llama3-8b", int(opt["--context"]), int(opt["--batch"]), method,
+                           "none" if opt["--baselines"] else method, None if opt["--baselines"] else 0.02,
+                           speed[method], 1e3 / speed[method], floor_ms=1.0)
+        Path(opt["--json"]).write_text(json.dumps(db.rows_as_dicts([row])))
+        return subprocess.CompletedProcess(argv, 0, f"#   {method}: done\n", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    lines = []
+    settings = db.Settings(budgets=[0.02], hashers=("linear",))
+    rows = db.run_decode_bench(["llama3-8b"], [4096], [2], settings, log=lines.append, command="spotlight bench decode")
+    assert len(calls) == 3 and [r.method for r in rows] == ["hf-static", "dense", "linear"]
+    assert [round(r.x_dense, 3) for r in rows] == [0.25, 1.0, 3.0] and rows[2].x_floor == rows[2].ms_per_step
+    assert all(r.command == "spotlight bench decode" for r in rows) and "#   linear: done" in lines
+
+    def failing(argv, capture_output, text):
+        return subprocess.CompletedProcess(argv, 1, "", "RuntimeError: boom")
+
+    monkeypatch.setattr(subprocess, "run", failing)
+    with pytest.raises(SpotlightError, match="boom"):
+        db.run_decode_bench(["llama3-8b"], [4096], [2], settings, log=lines.append)

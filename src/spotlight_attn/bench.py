@@ -79,7 +79,10 @@ HEADER = (
 
 
 def _ctx(t: int) -> str:
-    return f"{t >> 20}M" if t >= 1 << 20 and t % (1 << 20) == 0 else f"{t >> 10}K"
+    """131072 -> '128K', 1048576 -> '1M'; a count that is not a whole number of K stays as it is (8000)."""
+    if t >= 1 << 20 and t % (1 << 20) == 0:
+        return f"{t >> 20}M"
+    return f"{t >> 10}K" if t % 1024 == 0 else str(t)
 
 
 def require_cuda(device: torch.device | str | None = None) -> torch.device:

@@ -103,6 +103,7 @@ class DecodeRow:
     weights: str = "random"  # random | real
     warmup_s: float = float("nan")  # the warm-up call: compilation and graph capture included
     command: str = ""
+    note: str = ""  # e.g. which code an older row ran
 
     @property
     def label(self) -> str:
@@ -245,8 +246,16 @@ def _configs(model, settings: Settings):
 
 
 def run_decode_bench(shapes, contexts, batches, settings: Settings, *, model_spec=None, bandwidth=None, device=None,
-                     log: Callable[[str], None] | None = None, command: str = "") -> list[DecodeRow]:
-    """The table of the module docstring; logs each row as it is measured and returns them all."""
+                     log: Callable[[str], None] | None = None, command: str = "", isolate: bool = True) -> list[DecodeRow]:
+    """The table of the module docstring; logs each row as it is measured and returns them all.
+
+    isolate: measure every row in a fresh process of its own (`spotlight bench decode ... --no-isolate`
+    for that one row), as a user runs one model with one setting, so no row inherits another's
+    compiled graphs, memory pools or host state. The same SimHash row at 128K x 6 on the H200 measured
+    13.33 and 14.15 ms per step after other rows in one process and 12.39 ms in a process of its own
+    (docs/BENCHMARKS.md, "Profile")."""
+    if isolate:
+        return _run_isolated(shapes, contexts, batches, settings, model_spec, log or logger.info, command)
     from spotlight_attn.attention import disable, enable
     from spotlight_attn.bench import copy_bandwidth, require_cuda
 
@@ -279,6 +288,53 @@ def run_decode_bench(shapes, contexts, batches, settings: Settings, *, model_spe
                                     tokenizer if real else None, command, enable, disable)
         del model
         _reset_compiled()
+    return rows
+
+
+def _row_specs(settings: Settings):
+    """(baselines, hashers, budgets) of each row, one row per child process."""
+    for name in settings.baselines:
+        yield (name,), (), settings.budgets[:1]
+    for budget in settings.budgets:
+        for kind in settings.hashers:
+            yield (), (kind,), [budget]
+
+
+def _run_isolated(shapes, contexts, batches, settings: Settings, model_spec, log, command: str) -> list[DecodeRow]:
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    rows: list[DecodeRow] = []
+    log(f"# every row in a process of its own; {settings.steps} timed new tokens after a {settings.warmup}-token warm-up call")
+    log(HEADER)
+    for shape in shapes if model_spec is None else [None]:
+        for context in contexts:
+            for batch in batches:
+                group = []
+                for baselines, hashers, budgets in _row_specs(settings):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        out = Path(tmp) / "row.json"
+                        argv = [sys.executable, "-m", "spotlight_attn.cli.main", "bench", "decode",
+                                *(["--model", str(model_spec)] if model_spec is not None else ["--shape", shape]),
+                                "--context", str(context), "--batch", str(batch), "--budget", ",".join(map(str, budgets)),
+                                "--hasher", ",".join(hashers), "--baselines", ",".join(baselines), "--bits", str(settings.bits),
+                                "--steps", str(settings.steps), "--warmup", str(settings.warmup),
+                                "--dense-layers", ",".join(map(str, settings.dense_layers)), "--json", str(out), "--no-isolate"]
+                        child = subprocess.run(argv, capture_output=True, text=True)
+                        for line in child.stdout.splitlines():
+                            if line.startswith("#   ") or "out of memory" in line or (line.startswith("# decode") and not rows + group):
+                                log(line)
+                        if child.returncode != 0:
+                            tail = "\n".join((child.stdout + child.stderr).splitlines()[-15:])
+                            raise SpotlightError(f"the row {baselines or hashers} at {_ctx(context)} x {batch} failed:\n{tail}")
+                        group += [DecodeRow(**{**r, "command": command}) for r in json.loads(out.read_text())]
+                _finish(group)
+                for row in group:
+                    log(row.line())
+                rows += group
     return rows
 
 

@@ -97,6 +97,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     dec.add_argument("--dense-layers", default="0,1", help="layers the spotlight rows keep dense, '' for none (default: %(default)s)")
     dec.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     dec.add_argument("--plot", type=Path, metavar="PNG", help="also draw tokens/s per configuration (needs matplotlib)")
+    dec.add_argument("--no-isolate", dest="isolate", action="store_false",
+                     help="measure every row in this process (default: each row in a fresh process of its own)")
     dec.set_defaults(run=run_decode)
     return parser
 
@@ -135,7 +137,7 @@ def run_decode(args) -> int:
 
     shapes = _names(args.shape, SHAPES, "shape") if args.model is None else [Path(str(args.model)).stem]
     hashers = tuple(_names(args.hasher, ("linear", "mlp", "learned"), "hasher")) if args.hasher.strip() else ()
-    baselines = tuple(_names(args.baselines, ("hf-static", "dense"), "baseline"))
+    baselines = tuple(_names(args.baselines, ("hf-static", "dense"), "baseline")) if args.baselines.strip() else ()
     contexts, batches = parse_tokens(args.context), parse_ints(args.batch, "batch")
     budgets = parse_budgets(args.budget)
     try:
@@ -150,8 +152,10 @@ def run_decode(args) -> int:
     settings = Settings(budgets, hashers, bits=args.bits, steps=args.steps, warmup=args.warmup, dense_layers=dense_layers,
                         baselines=baselines)
     command = "spotlight " + " ".join(sys.argv[1:])
+    if not baselines and not hashers:
+        raise SpotlightError("nothing to measure: give --hasher or --baselines")
     rows = run_decode_bench(shapes, contexts, batches, settings, model_spec=args.model, command=command,
-                            log=lambda line: print(line, flush=True))
+                            log=lambda line: print(line, flush=True), isolate=args.isolate)
     _write_json(args.json, rows_as_dicts(rows))
     if args.plot is not None and rows:
         import torch
