@@ -1,34 +1,42 @@
 #!/usr/bin/env bash
-# GPU runs of the fast generate() path, one phase per device call (see docs/BENCHMARKS.md).
-#   check     GPU tests of the static path and kernels, then a random-weight SmolLM2-shape row set
-#   real      the real SmolLM2-135M (GGUF in two transfers: ../shared/gpu-model.md), 8K prompts, batch 1 and 32
-#   llama128  Llama-3-8B shape, 128K x 6        llama512  Llama-3-8B shape, 512K x 1
-# Logs and JSON rows go to $OUT.
+# GPU runs of the fast generate() path (see docs/BENCHMARKS.md). Phases run in the order given:
+#   stash     copy the first half of the real model's GGUF to /root/xfer (call 1 of ../shared/gpu-model.md)
+#   tests     GPU tests of the static path, kernels and hashers
+#   llama128  Llama-3-8B shape, 128K x 6 (hf-static, dense, SimHash, learned-hash shape)
+#   llama512  Llama-3-8B shape, 512K x 1 (dense, SimHash, learned-hash shape)
+#   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
+#   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
+# e.g. call 1: h200_generate.sh stash tests llama128   call 2 (at once): h200_generate.sh real llama512
+# Logs and JSON rows go to $OUT; every bench row runs in a process of its own.
 set -uo pipefail
-phase=$1
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPOTLIGHT_CACHE_DIR=/root/sacache
 mkdir -p "$OUT"
-log="$OUT/$phase.log"
-case $phase in
-check)
+bench() { python3 -m spotlight_attn.cli.main bench decode "$@" 2>&1 | grep -v "Warning\|warnings.warn"; }
+for phase in "$@"; do
+  log="$OUT/$phase.log"
+  case $phase in
+  stash) mkdir -p /root/xfer && cp .model/a/part1 /root/xfer/ && echo "part1 stashed" ;;
+  tests)
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static.py tests/test_kernels.py 2>&1 | tail -n 15
-      python3 -m spotlight_attn.cli.main bench decode --shape smollm2-135m --context 8K --batch 1,32 --budget 0.1 \
-          --hasher linear,mlp --json "$OUT/check_smollm2_shape.json"
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static.py tests/test_kernels.py tests/test_hasher.py 2>&1 | tail -n 15
     } 2>&1 | tee "$log" ;;
-real)
+  llama128)
+    bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
+        --json "$OUT/llama3_128k_x6.json" | tee "$log" ;;
+  llama512)
+    bench --shape llama3-8b --context 512K --batch 1 --budget 0.02 --hasher linear,mlp --baselines dense \
+        --json "$OUT/llama3_512k_x1.json" | tee "$log" ;;
+  real)
     [ -f /root/smollm2.gguf ] || { [ -f /root/xfer/part1 ] || { echo "machine was recycled: redo call 1"; exit 3; }
         cat /root/xfer/part1 .model/b/part2 > /root/smollm2.gguf; }
     echo "$(cat .model/b/sha256)  /root/smollm2.gguf" | sha256sum -c - || exit 4
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    { python3 -m spotlight_attn.cli.main bench decode --model /root/smollm2.gguf --context 8000 --batch 1,32 --budget 0.1 \
-          --hasher learned,linear --json "$OUT/real_smollm2.json"
-    } 2>&1 | tee "$log" ;;
-llama128)
-    python3 -m spotlight_attn.cli.main bench decode --shape llama3-8b --context 128K --batch 6 --budget 0.02 \
-        --hasher linear,mlp --json "$OUT/llama3_128k_x6.json" 2>&1 | tee "$log" ;;
-llama512)
-    python3 -m spotlight_attn.cli.main bench decode --shape llama3-8b --context 512K --batch 1 --budget 0.02 \
-        --hasher linear,mlp --json "$OUT/llama3_512k_x1.json" 2>&1 | tee "$log" ;;
-esac
+    bench --model /root/smollm2.gguf --context 8000 --batch 1,32 --budget 0.1 --hasher learned \
+        --json "$OUT/real_smollm2.json" | tee "$log" ;;
+  profile)
+    python3 benchmarks/profile_generate.py --shape llama3-8b --context 128K --batch 6 --out "$OUT/profile" 2>&1 \
+        | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done
