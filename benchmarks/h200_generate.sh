@@ -4,6 +4,7 @@
 #   tests     GPU tests of the static path, kernels and hashers
 #   llama128  Llama-3-8B shape, 128K x 6 (hf-static, dense, SimHash, learned-hash shape)
 #   llama512  Llama-3-8B shape, 512K x 1 (dense, SimHash, learned-hash shape)
+#   fused128  as llama128 with the fused hash kernel on (SPOTLIGHT_FUSED_HASH=1; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
 # e.g. call 1: h200_generate.sh stash tests llama128   call 2 (at once): h200_generate.sh real llama512
@@ -24,6 +25,9 @@ for phase in "$@"; do
   llama128)
     bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
         --json "$OUT/llama3_128k_x6.json" | tee "$log" ;;
+  fused128)
+    SPOTLIGHT_FUSED_HASH=1 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
+        --baselines dense --json "$OUT/llama3_128k_x6_fused.json" | tee "$log" ;;
   llama512)
     bench --shape llama3-8b --context 512K --batch 1 --budget 0.02 --hasher linear,mlp --baselines dense \
         --json "$OUT/llama3_512k_x1.json" | tee "$log" ;;

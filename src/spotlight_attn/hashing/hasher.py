@@ -11,6 +11,7 @@ Head order follows transformers' `repeat_kv`: query head j belongs to KV head j 
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -45,6 +46,10 @@ class HeadBank(nn.Module):
             x = x + torch.baddbmm(self.b2[i], hidden, self.w2[i])  # [n, B*S, D]
         return unfold(torch.bmm(x, self.proj))  # [B, n, S, bits]
 
+    def kernel_weights(self) -> tuple:
+        """(w1, b1, w2, b2, proj) as kernels/hash.py takes them."""
+        return self.w1, self.b1, self.w2, self.b2, self.proj
+
 
 def _heads_first(x: torch.Tensor):
     """x [B, n, S, D] -> ([n, B*S, D], unfold), unfold: [n, B*S, m] -> [B, n, S, m] (a view).
@@ -55,6 +60,27 @@ def _heads_first(x: torch.Tensor):
     b, n, s, d = x.shape
     folded = x.transpose(0, 1).reshape(n, b * s, d)
     return folded, lambda y: y.reshape(n, b, s, y.shape[-1]).transpose(0, 1)
+
+
+# The fused hash kernel (kernels/hash.py) for a decode step's few rows: False = off, None = on CUDA
+# tensors, True = everywhere (the interpreter tests). Off by default until its speed is measured on a
+# GPU (docs/FAST_PATH.md); SPOTLIGHT_FUSED_HASH=1 turns it on for CUDA tensors.
+FUSED_KERNEL: bool | None = None if os.environ.get("SPOTLIGHT_FUSED_HASH", "0") == "1" else False
+
+
+def _codes(bank: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [B, n, S, D] -> packed codes [B, n, S, W]. A few rows per head on CUDA (a decode step's) go
+    through the fused kernel (kernels/hash.py: the whole hash in one launch); others through the
+    bank in torch, then packed."""
+    from spotlight_attn.kernels import hash as fused
+
+    use = FUSED_KERNEL if FUSED_KERNEL is not None else x.is_cuda
+    if use and x.shape[0] * x.shape[2] <= fused.MAX_ROWS:
+        from spotlight_attn.kernels import ops
+
+        folded, unfold = _heads_first(x)
+        return unfold(ops.hash_codes_op(folded, *bank.kernel_weights(), use_kernel=1 if FUSED_KERNEL else -1))
+    return _pack(bank(x))
 
 
 def _pack(hashed: torch.Tensor) -> torch.Tensor:
@@ -98,24 +124,30 @@ class _HasherBase(nn.Module):
         """keys [B, Hkv, T, D] -> pre-sign hash [B, Hkv, T, bits]."""
         return self._bank("k", layer)(keys)
 
-    def hash_queries(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
-        """queries [B, Hq, S, D] -> pre-sign hash [B, Hq, S, bits]."""
+    def _query_input(self, layer: int, queries: torch.Tensor):
+        """(bank, its input, unfold): queries [B, Hq, S, D] as the bank that hashes them takes them; with
+        shared placement each KV head's bank takes its G query heads as rows [B, Hkv, G*S, D]."""
         if self.placement is Placement.ASYMMETRIC:
-            return self._bank("q", layer)(queries)
+            return self._bank("q", layer), queries, lambda y: y
         b, hq, s, d = queries.shape
         hkv = self.geometry.num_kv_heads
-        folded = queries.reshape(b, hkv, (hq // hkv) * s, d)  # [B, Hkv, G*S, D]: each KV head's queries
-        return self._bank("k", layer)(folded).reshape(b, hq, s, -1)
+        return self._bank("k", layer), queries.reshape(b, hkv, (hq // hkv) * s, d), lambda y: y.reshape(b, hq, s, -1)
+
+    def hash_queries(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """queries [B, Hq, S, D] -> pre-sign hash [B, Hq, S, bits]."""
+        bank, x, unfold = self._query_input(layer, queries)
+        return unfold(bank(x))
 
     def key_codes(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """keys [B, Hkv, T, D] -> packed codes [B, Hkv, T, W] int32."""
         with torch.no_grad():
-            return _pack(self.hash_keys(layer, keys))
+            return _codes(self._bank("k", layer), keys)
 
     def query_codes(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, S, D] -> packed codes [B, Hq, S, W] int32."""
         with torch.no_grad():
-            return _pack(self.hash_queries(layer, queries))
+            bank, x, unfold = self._query_input(layer, queries)
+            return unfold(_codes(bank, x))
 
     def step_codes(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's codes: queries [B, Hq, S, D] and the step's new keys [B, Hkv, S_k, D] ->
@@ -128,7 +160,7 @@ class _HasherBase(nn.Module):
         rows = (hq // hkv) * s
         with torch.no_grad():
             both = torch.cat([queries.reshape(b, hkv, rows, d), keys.to(queries.dtype)], dim=2)  # [B, Hkv, G*S + S_k, D]
-            codes = _pack(self._bank("k", layer)(both))
+            codes = _codes(self._bank("k", layer), both)
         return codes[:, :, :rows].reshape(b, hq, s, -1), codes[:, :, rows:]
 
     def soft_keys(self, layer: int, keys: torch.Tensor, gain: float = 64.0) -> torch.Tensor:
@@ -165,6 +197,9 @@ class _Projection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, unfold = _heads_first(x.to(self.proj.dtype))  # [n, B*S, D]
         return unfold(torch.bmm(x, self.proj))  # [B, n, S, bits]
+
+    def kernel_weights(self) -> tuple:
+        return None, None, None, None, self.proj  # SimHash: the projection alone
 
 
 class LinearHasher(_HasherBase):

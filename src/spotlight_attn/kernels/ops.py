@@ -9,14 +9,20 @@ outputs have shapes fixed by their arguments, so a whole decode step can be capt
     spotlight::score_select(query_codes, key_codes, bounds, k, bits, sink, window, use_kernel) -> indices
     spotlight::sparse_decode(query, keys, values, indices, scaling, use_kernel) -> out
     spotlight::dense_decode(query, keys_by_token, values_by_token, lengths, cu_k, scaling) -> out
+    spotlight::hash_codes(x, w1, b1, w2, b2, proj, use_kernel) -> codes (kernels/hash.py)
 """
 
 from __future__ import annotations
 
 import torch
 
+import logging
+
 from spotlight_attn.config import Budget
 from spotlight_attn.kernels import _triton
+
+logger = logging.getLogger(__name__)
+_FUSED_HASH_FAILED: list[str] = []  # the first failure of the fused hash on this process's GPU, if any
 
 
 def _use(tensors, use_kernel: int) -> bool:
@@ -99,3 +105,30 @@ def dense_decode_op(
 @dense_decode_op.register_fake
 def _(query, keys_by_token, values_by_token, lengths, cu_k, scaling):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("spotlight::hash_codes", mutates_args=())
+def hash_codes_op(
+    x: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None, w2: torch.Tensor | None,
+    b2: torch.Tensor | None, proj: torch.Tensor, use_kernel: int = -1,
+) -> torch.Tensor:
+    """Heads-first rows x [n, M, D] through a hash bank (w1 None: SimHash, the projection alone) ->
+    packed codes [n, M, W] int32. On CUDA (use_kernel -1) the fused kernel where it serves the shapes;
+    should it fail to build on this GPU, the torch path takes over for the process, with a warning."""
+    from spotlight_attn.kernels.hash import _hash_codes_triton, hash_codes_reference, serves
+
+    args = (x, w1, b1, w2, b2, proj)
+    if use_kernel == 1 or (use_kernel < 0 and not _FUSED_HASH_FAILED and _use((x, proj), use_kernel) and serves(x, w1, proj)):
+        if use_kernel == 1:
+            return _hash_codes_triton(*args)
+        try:
+            return _hash_codes_triton(*args)
+        except Exception as error:  # a Triton build failure on an untested GPU must not stop decoding
+            _FUSED_HASH_FAILED.append(repr(error))
+            logger.warning("the fused hash kernel failed on this GPU (%r); hashing through torch from now on", error)
+    return hash_codes_reference(*args)
+
+
+@hash_codes_op.register_fake
+def _(x, w1, b1, w2, b2, proj, use_kernel=-1):
+    return x.new_empty((x.shape[0], x.shape[1], (proj.shape[-1] + 31) // 32), dtype=torch.int32)

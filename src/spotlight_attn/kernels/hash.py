@@ -1,0 +1,114 @@
+"""hash_codes: a few rows of hash inputs -> packed codes, the whole hash in one launch.
+
+A decode step hashes B x (G + 1) rows per KV head (its queries and its new key). Through torch that
+is one bmm per weight (two per residual block, plus the projection), the SiLU and residual kernels
+between them and the sign packing: about ten launches per layer for a few rows each. Here one
+program takes BLOCK_M rows of one head through every block and the projection, in registers, and
+writes the packed sign bits:
+
+    x <- x + W2 silu(W1 x + b1) + b2   (depth times)     codes = pack(sign(P x))
+
+The matmuls accumulate in float32 with IEEE products (no TF32), as the reference does, but in
+another order: a pre-sign value within rounding of zero may take the other sign (the tests check
+that only such bits ever differ, and that on their inputs none does). For many rows (a prefill) the
+weights would be re-read per block of rows; that stays with the torch path (serves()).
+
+    hash_codes(x [n, M, D], w1 [depth, n, D, Wd] | None, b1 [depth, n, 1, Wd], w2 [depth, n, Wd, D],
+               b2 [depth, n, 1, D], proj [n, D, bits]) -> codes [n, M, ceil(bits / 32)] int32
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spotlight_attn.kernels import _triton
+from spotlight_attn.kernels._triton import cdiv, next_pow2
+from spotlight_attn.kernels.pack import num_words, pack_signs_reference
+
+triton = tl = libdevice = _sum = _max = _cumsum = None  # bound on the first launch (see _triton.py)
+
+MAX_ROWS = 256  # rows per head the fused kernel takes; more (a prefill) go through torch
+MAX_DIM = 128  # head dim and block width it keeps in registers
+MAX_BITS = 512
+
+
+def hash_codes_reference(x, w1, b1, w2, b2, proj) -> torch.Tensor:
+    """The bank in torch, as HeadBank.forward computes it on heads-first rows, then packed."""
+    x = x.to(proj.dtype)
+    for i in range(0 if w1 is None else w1.shape[0]):
+        hidden = torch.nn.functional.silu(torch.baddbmm(b1[i], x, w1[i]))
+        x = x + torch.baddbmm(b2[i], hidden, w2[i])
+    return pack_signs_reference(torch.bmm(x, proj))
+
+
+def serves(x: torch.Tensor, w1, proj: torch.Tensor) -> bool:
+    """Whether the fused kernel takes these shapes (rows per head, dims, bits; float32 weights)."""
+    n, m, d = x.shape
+    width = 0 if w1 is None else w1.shape[-1]
+    return (
+        m <= MAX_ROWS and d <= MAX_DIM and width <= MAX_DIM and proj.shape[-1] <= MAX_BITS
+        and proj.dtype == torch.float32 and (w1 is None or w1.dtype == torch.float32)
+    )
+
+
+@_triton.kernel
+def _hash_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr,
+    n_heads, m, d, width, bits, stride_xh, stride_xm,
+    DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, WORDS: tl.constexpr,
+):
+    """One program: rows [BLOCK_M block] of head program_id(0). Weights contiguous as in the module docstring."""
+    head = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dim = tl.arange(0, D_PAD)
+    hid = tl.arange(0, W_PAD)
+    row_ok = rows < m
+    d_ok = dim < d
+    x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
+    x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    for i in tl.static_range(DEPTH):
+        blk = (i * n_heads + head).to(tl.int64)
+        w_ok = hid < width
+        w1 = tl.load(w1_ptr + blk * d * width + dim[:, None] * width + hid[None, :], mask=d_ok[:, None] & w_ok[None, :], other=0.0)
+        b1 = tl.load(b1_ptr + blk * width + hid, mask=w_ok, other=0.0)
+        hidden = tl.dot(x, w1, input_precision="ieee") + b1[None, :]
+        hidden = hidden / (1.0 + tl.exp(tl.minimum(-hidden, 80.0)))  # silu (tl.sigmoid: a jit function the interpreter may not call)
+        w2 = tl.load(w2_ptr + blk * width * d + hid[:, None] * d + dim[None, :], mask=w_ok[:, None] & d_ok[None, :], other=0.0)
+        b2 = tl.load(b2_ptr + blk * d + dim, mask=d_ok, other=0.0)
+        x = x + (tl.dot(hidden, w2, input_precision="ieee") + b2[None, :])
+    bit = tl.arange(0, 32)
+    proj_head = proj_ptr + head.to(tl.int64) * d * bits
+    for word in tl.static_range(WORDS):
+        col = word * 32 + bit
+        p = tl.load(proj_head + dim[:, None] * bits + col[None, :], mask=d_ok[:, None] & (col[None, :] < bits), other=0.0)
+        hashed = tl.dot(x, p, input_precision="ieee")  # [BLOCK_M, 32]; padded bits are exactly 0: never set
+        # Distinct bits: their sum is their OR, and bit 31 wraps to the int32 sign bit as intended.
+        packed = _sum(tl.where(hashed > 0, 1 << bit[None, :], 0), axis=1)
+        tl.store(out_ptr + (head.to(tl.int64) * m + rows) * WORDS + word, packed, mask=row_ok)
+
+
+def _hash_codes_triton(x, w1, b1, w2, b2, proj) -> torch.Tensor:
+    """Launcher: same contract as hash_codes_reference."""
+    _triton.bind(globals())
+    n, m, d = x.shape
+    bits = proj.shape[-1]
+    words = num_words(bits)
+    out = torch.empty(n, m, words, dtype=torch.int32, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    depth = 0 if w1 is None else w1.shape[0]
+    width = 0 if w1 is None else w1.shape[-1]
+    if depth:
+        w1, b1, w2, b2 = (t.contiguous() for t in (w1, b1, w2, b2))
+    else:
+        w1 = b1 = w2 = b2 = proj  # not read
+    proj = proj.contiguous()
+    block_m = 16 if m <= 16 else 32
+    _hash_kernel[(n, cdiv(m, block_m))](
+        x, w1, b1, w2, b2, proj, out, n, m, d, width, bits, x.stride(0), x.stride(1),
+        DEPTH=depth, BLOCK_M=block_m, D_PAD=max(16, next_pow2(d)), W_PAD=max(16, next_pow2(max(width, 1))),
+        WORDS=words, num_warps=4,
+    )
+    return out

@@ -1,0 +1,160 @@
+"""The fused hash kernel (kernels/hash.py) against the hasher's torch path, bit for bit.
+
+Without a GPU it runs in Triton's CPU interpreter (TRITON_INTERPRET=1 is set below before Triton is
+imported). Codes are integers: they must equal the reference's, except that a pre-sign value within
+float32 rounding of zero may take either sign; `agree` checks exactly that, and reports how many such
+bits there were (none on these inputs, so the codes are equal).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first `import triton` of this module
+pytest.importorskip("triton")
+
+import spotlight_attn as sa  # noqa: E402
+from spotlight_attn.config import HasherConfig, SpotlightConfig  # noqa: E402
+from spotlight_attn.hashing import hasher as hasher_module  # noqa: E402
+from spotlight_attn.kernels import ops  # noqa: E402
+from spotlight_attn.kernels.hash import _hash_codes_triton, hash_codes_reference, serves  # noqa: E402
+from spotlight_attn.kernels.pack import unpack_bits  # noqa: E402
+from spotlight_attn.models import ModelGeometry  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def bank_weights(n, d, width, bits, depth, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=0.5):
+        return (torch.randn(*shape, generator=g) * std).to(DEVICE)
+
+    if depth == 0:
+        return None, None, None, None, r(n, d, bits, std=d**-0.5)
+    return r(depth, n, d, width), r(depth, n, 1, width), r(depth, n, width, d), r(depth, n, 1, d), r(n, d, bits, std=d**-0.5)
+
+
+def pre_sign(x, w1, b1, w2, b2, proj):
+    """The reference's values before the sign, in float64."""
+    x = x.double()
+    for i in range(0 if w1 is None else w1.shape[0]):
+        x = x + torch.nn.functional.silu(torch.baddbmm(b1[i].double(), x, w1[i].double())) @ w2[i].double() + b2[i].double()
+    return x @ proj.double()
+
+
+def agree(codes, want, values, bits) -> int:
+    """Every differing bit has a reference value within rounding of zero; -> the count of such bits."""
+    differ = unpack_bits(codes, bits) != unpack_bits(want, bits)
+    near_zero = values.abs() < 1e-4 * values.abs().amax(-1, keepdim=True)
+    assert not (differ & ~near_zero).any(), "a bit differs away from zero"
+    return int(differ.sum())
+
+
+@pytest.mark.parametrize("n,m,d,width,bits,depth", [
+    (2, 1, 16, 8, 64, 2),     # one row (batch 1, a key), width below a dot tile
+    (3, 5, 64, 64, 128, 2),   # a decode step's G + 1 rows, SmolLM2's dims
+    (1, 37, 48, 24, 100, 1),  # odd rows and dims, bits not a multiple of 32
+    (4, 33, 128, 128, 128, 2),  # Llama-3-8B's dims, two row blocks
+    (2, 7, 32, 0, 96, 0),     # SimHash: the projection alone
+])
+def test_fused_hash_equals_the_reference(n, m, d, width, bits, depth):
+    weights = bank_weights(n, d, width, bits, depth, seed=n * 100 + m)
+    x = torch.randn(n, m, d, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    codes = _hash_codes_triton(x, *weights)
+    want = hash_codes_reference(x, *weights)
+    assert codes.shape == want.shape == (n, m, (bits + 31) // 32) and codes.dtype == torch.int32
+    assert agree(codes, want, pre_sign(x, *weights), bits) == 0
+    assert torch.equal(codes, want)
+
+
+def test_bf16_rows_and_a_strided_view():
+    weights = bank_weights(2, 64, 32, 128, 2, seed=7)
+    base = torch.randn(9, 2, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE).bfloat16()
+    x = base.transpose(0, 1)  # [2, 9, 64], rows strided
+    assert torch.equal(_hash_codes_triton(x, *weights), hash_codes_reference(x, *weights))
+
+
+def test_serves_only_what_it_keeps_in_registers():
+    w = bank_weights(2, 64, 64, 128, 2, seed=0)
+    assert serves(torch.zeros(2, 30, 64), w[0], w[4])
+    assert not serves(torch.zeros(2, 300, 64), w[0], w[4])  # a prefill's rows: torch
+    assert not serves(torch.zeros(2, 4, 256), None, torch.zeros(2, 256, 128))  # head dim 256
+    assert not serves(torch.zeros(2, 4, 64), None, torch.zeros(2, 64, 128, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("placement", ["shared", "asymmetric"])
+def test_the_hasher_with_the_fused_kernel_gives_the_same_codes(monkeypatch, placement):
+    geometry = ModelGeometry("llama", 3, 6, 2, 32, 10000.0, 1024)
+    hasher = sa.MLPHasher(geometry, HasherConfig(bits=128, width=16, init_scale=0.5, placement=placement), layers=[1]).to(DEVICE)
+    q, k = torch.randn(3, 6, 1, 32).to(DEVICE), torch.randn(3, 2, 1, 32).to(DEVICE)
+    monkeypatch.setattr(hasher_module, "FUSED_KERNEL", False)
+    want = hasher.step_codes(1, q, k), hasher.query_codes(1, q), hasher.key_codes(1, k)
+    monkeypatch.setattr(hasher_module, "FUSED_KERNEL", True)
+    got = hasher.step_codes(1, q, k), hasher.query_codes(1, q), hasher.key_codes(1, k)
+    for a, b in zip(got, want):
+        assert torch.equal(a[0] if isinstance(a, tuple) else a, b[0] if isinstance(b, tuple) else b)
+    assert torch.equal(got[0][1], want[0][1])
+
+
+def test_the_op_falls_back_once_and_says_so(monkeypatch, caplog):
+    from spotlight_attn.kernels import hash as fused
+
+    weights = bank_weights(2, 16, 8, 64, 1, seed=3)
+    x = torch.randn(2, 3, 16).to(DEVICE)
+    monkeypatch.setattr(ops, "_use", lambda tensors, use_kernel: True)
+    monkeypatch.setattr(ops, "_FUSED_HASH_FAILED", [])
+
+    def broken(*args):
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(fused, "_hash_codes_triton", broken)
+    with caplog.at_level("WARNING"):
+        codes = ops.hash_codes_op(x, *weights)
+    assert torch.equal(codes, hash_codes_reference(x, *weights)) and "fused hash kernel failed" in caplog.text
+    assert ops._FUSED_HASH_FAILED and torch.equal(ops.hash_codes_op(x, *weights), codes)  # torch from now on
+
+
+def test_static_generate_with_the_fused_kernel_equals_without(monkeypatch):
+    """A decode step through the static cache hashes its query and key with the fused kernel (forced
+    here, interpreter on the CPU): the same tokens as the torch hash."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import tiny_model
+
+    model = tiny_model("llama", 4, 2, 16, layers=3, seed=2).to(DEVICE)
+    geometry = ModelGeometry.from_model(model)
+    hasher = sa.MLPHasher(geometry, HasherConfig(bits=64, width=16, init_scale=0.3), layers=[1, 2], seed=1).to(DEVICE)
+    sa.enable(model, hasher, SpotlightConfig(method="spotlight", budget=0.3, bits=64, min_tokens=2, sink=1, window=1,
+                                             dense_layers=(0,), cache="static"))
+    ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+
+    def run():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+
+    monkeypatch.setattr(hasher_module, "FUSED_KERNEL", False)
+    want = run()
+    monkeypatch.setattr(hasher_module, "FUSED_KERNEL", True)
+    assert torch.equal(run(), want)
+    sa.disable(model)
+
+
+def test_the_op_traces_with_fullgraph(monkeypatch):
+    """torch.compile takes the fused hash whole (its fake implementation gives the output's shape)."""
+    geometry = ModelGeometry("llama", 2, 4, 2, 16, 10000.0, 1024)
+    hasher = sa.MLPHasher(geometry, HasherConfig(bits=64, width=16, init_scale=0.5), layers=[0]).to(DEVICE)
+    q, k = torch.randn(2, 4, 1, 16).to(DEVICE), torch.randn(2, 2, 1, 16).to(DEVICE)
+    monkeypatch.setattr(hasher_module, "FUSED_KERNEL", True)
+    want = hasher.step_codes(0, q, k)
+    torch._dynamo.reset()
+    got = torch.compile(lambda a, b: hasher.step_codes(0, a, b), fullgraph=True, backend="aot_eager")(q, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch._dynamo.reset()
