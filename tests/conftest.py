@@ -77,6 +77,28 @@ def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def padded_prompts(batch=2, length=40, pad=(0, 9), seed=0):
+    """Random ids [batch, length] and their mask, row i left-padded by pad[i] tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pad[:batch]):
+        ids[i, :p], mask[i, :p] = 0, 0
+    return ids, mask
+
+
+def hasher_for(model, method, bits=64):
+    """An untrained learned hasher over layers 2.. for method 'spotlight'; None for the others."""
+    from spotlight_attn import MLPHasher
+    from spotlight_attn.config import HasherConfig
+    from spotlight_attn.models import ModelGeometry
+
+    if method != "spotlight":
+        return None
+    geo = ModelGeometry.from_model(model)
+    return MLPHasher(geo, HasherConfig(bits=bits, width=16, init_scale=0.3), layers=range(2, geo.num_layers))
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")

@@ -10,25 +10,10 @@ from spotlight_attn.config import HasherConfig, SpotlightConfig
 from spotlight_attn.errors import HasherMismatchError, SpotlightError, UnsupportedModelError
 from spotlight_attn.models import ModelGeometry
 
-from conftest import tiny_model
+from conftest import hasher_for, tiny_model
+from conftest import padded_prompts as prompts
 
 METHODS = ["dense", "oracle", "spotlight", "linear", "quest", "streaming"]
-
-
-def hasher_for(model, method, bits=64):
-    if method != "spotlight":
-        return None
-    geo = ModelGeometry.from_model(model)
-    return sa.MLPHasher(geo, HasherConfig(bits=bits, width=16, init_scale=0.3), layers=range(2, geo.num_layers))
-
-
-def prompts(batch=2, length=40, pad=(0, 9), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for i, p in enumerate(pad[:batch]):
-        ids[i, :p], mask[i, :p] = 0, 0
-    return ids, mask
 
 
 def greedy(model, ids, mask, n=8):

@@ -18,30 +18,17 @@ from packaging.specifiers import SpecifierSet
 import spotlight_attn as sa
 from spotlight_attn import compat
 from spotlight_attn.cache import SpotlightCache
-from spotlight_attn.config import HasherConfig, SpotlightConfig
+from spotlight_attn.config import SpotlightConfig
 from spotlight_attn.errors import UnsupportedVersionError
-from spotlight_attn.models import ModelGeometry
 
-from conftest import tiny_model
+from conftest import hasher_for, padded_prompts, tiny_model
 
 METHODS = ["dense", "oracle", "spotlight", "linear", "quest", "streaming"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _hasher(model, method):
-    if method != "spotlight":
-        return None
-    geo = ModelGeometry.from_model(model)
-    return sa.MLPHasher(geo, HasherConfig(bits=64, width=16, init_scale=0.3), layers=range(2, geo.num_layers))
-
-
-def _prompts(batch=3, length=37, pad=(0, 9, 4), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for i, p in enumerate(pad[:batch]):
-        ids[i, :p], mask[i, :p] = 0, 0
-    return ids, mask
+def _prompts(seed=0):
+    return padded_prompts(batch=3, length=37, pad=(0, 9, 4), seed=seed)
 
 
 def _greedy(model, ids, mask, n=6, **kwargs):
@@ -94,9 +81,9 @@ def test_generate_with_every_method_full_budget_equals_dense_and_partial_runs(fa
     ids, mask = _prompts()
     expected = _greedy(model, ids, mask)
     for method in METHODS:
-        sa.enable(model, _hasher(model, method), SpotlightConfig(method=method, budget=1.0, bits=64))
+        sa.enable(model, hasher_for(model, method), SpotlightConfig(method=method, budget=1.0, bits=64))
         assert torch.equal(_greedy(model, ids, mask), expected), method
-        sa.enable(model, _hasher(model, method), SpotlightConfig(method=method, budget=0.2, min_tokens=2, bits=64))
+        sa.enable(model, hasher_for(model, method), SpotlightConfig(method=method, budget=0.2, min_tokens=2, bits=64))
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
         assert out.sequences.shape == expected.shape, method
         cache = compat.output_cache(out)
