@@ -301,12 +301,6 @@ def _row_specs(settings: Settings):
 
 
 def _run_isolated(shapes, contexts, batches, settings: Settings, model_spec, log, command: str) -> list[DecodeRow]:
-    import json
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
     rows: list[DecodeRow] = []
     log(f"# every row in a process of its own; {settings.steps} timed new tokens after a {settings.warmup}-token warm-up call")
     log(HEADER)
@@ -314,28 +308,40 @@ def _run_isolated(shapes, contexts, batches, settings: Settings, model_spec, log
         for context in contexts:
             for batch in batches:
                 group = []
-                for baselines, hashers, budgets in _row_specs(settings):
-                    with tempfile.TemporaryDirectory() as tmp:
-                        out = Path(tmp) / "row.json"
-                        argv = [sys.executable, "-m", "spotlight_attn.cli.main", "bench", "decode",
-                                *(["--model", str(model_spec)] if model_spec is not None else ["--shape", shape]),
-                                "--context", str(context), "--batch", str(batch), "--budget", ",".join(map(str, budgets)),
-                                "--hasher", ",".join(hashers), "--baselines", ",".join(baselines), "--bits", str(settings.bits),
-                                "--steps", str(settings.steps), "--warmup", str(settings.warmup),
-                                "--dense-layers", ",".join(map(str, settings.dense_layers)), "--json", str(out), "--no-isolate"]
-                        child = subprocess.run(argv, capture_output=True, text=True)
-                        for line in child.stdout.splitlines():
-                            if line.startswith("#   ") or "out of memory" in line or (line.startswith("# decode") and not rows + group):
-                                log(line)
-                        if child.returncode != 0:
-                            tail = "\n".join((child.stdout + child.stderr).splitlines()[-15:])
-                            raise SpotlightError(f"the row {baselines or hashers} at {_ctx(context)} x {batch} failed:\n{tail}")
-                        group += [DecodeRow(**{**r, "command": command}) for r in json.loads(out.read_text())]
+                for spec in _row_specs(settings):
+                    group += _child_rows(spec, model_spec, shape, context, batch, settings, log, header=not rows + group)
                 _finish(group)
                 for row in group:
                     log(row.line())
                 rows += group
-    return rows
+    return [replace(row, command=command) for row in rows]
+
+
+def _child_rows(spec, model_spec, shape, context: int, batch: int, settings: Settings, log, header: bool) -> list[DecodeRow]:
+    """One row spec measured by `spotlight bench decode ... --no-isolate` in a process of its own."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    baselines, hashers, budgets = spec
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        argv = [sys.executable, "-m", "spotlight_attn.cli.main", "bench", "decode",
+                *(["--model", str(model_spec)] if model_spec is not None else ["--shape", shape]),
+                "--context", str(context), "--batch", str(batch), "--budget", ",".join(map(str, budgets)),
+                "--hasher", ",".join(hashers), "--baselines", ",".join(baselines), "--bits", str(settings.bits),
+                "--steps", str(settings.steps), "--warmup", str(settings.warmup),
+                "--dense-layers", ",".join(map(str, settings.dense_layers)), "--json", str(out), "--no-isolate"]
+        child = subprocess.run(argv, capture_output=True, text=True)
+        for line in child.stdout.splitlines():
+            if line.startswith("#   ") or "out of memory" in line or (header and line.startswith("# decode")):
+                log(line)
+        if child.returncode != 0:
+            tail = "\n".join((child.stdout + child.stderr).splitlines()[-15:])
+            raise SpotlightError(f"the row {baselines or hashers} at {_ctx(context)} x {batch} failed:\n{tail}")
+        return [DecodeRow(**row) for row in json.loads(out.read_text())]
 
 
 def _shape_of(model) -> str | None:

@@ -28,12 +28,12 @@ def static_attention(installed, cache, layer, query: torch.Tensor, scaling: floa
     if query.shape[2] > 1:
         return dense_prefill(query, layer.k_by_token, layer.v_by_token, cache.seq.new_valid, layer.lengths, scaling)
     config = installed.config
+    budget = config.budget_spec
     if layer.layer_idx == 0:
-        _count_step(cache, layer, config.budget_spec)
+        _count_step(cache, layer, budget)
     if layer.key_hasher is None:  # a dense layer, or method dense
         out = ops.dense_decode_op(query, layer.k_by_token, layer.v_by_token, layer.lengths, layer.cu_k, scaling)
         return out.transpose(1, 2)
-    budget = config.budget_spec
     hasher = installed.selector.hasher
     use_kernel = 0 if config.force_reference else -1
     k_rows = device_tokens_for(layer.lengths, budget)  # [B]
@@ -55,10 +55,11 @@ def _count_step(cache, layer, budget) -> None:
     """Keys read and held by one decode step over every layer, counted once, at layer 0 (after its
     update): every layer holds the same keys; a hash layer reads device_tokens_for of them, a dense
     layer all. Counted per layer instead, the sums cost two reductions per layer per step."""
-    held = layer.lengths.sum() * layer.k_by_token.shape[2]
+    hkv = layer.k_by_token.shape[2]
+    held = layer.lengths.sum() * hkv
     n_layers, n_hash = len(cache.layers), cache.hash_layers
     read = held * (n_layers - n_hash)
     if n_hash:
-        read = read + device_tokens_for(layer.lengths, budget).sum() * layer.k_by_token.shape[2] * n_hash
+        read = read + device_tokens_for(layer.lengths, budget).sum() * hkv * n_hash
     cache.read.add_(read)
     cache.cached.add_(held * n_layers)

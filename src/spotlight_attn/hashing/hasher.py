@@ -19,6 +19,8 @@ from torch import nn
 
 from spotlight_attn.config import HasherConfig, Placement
 from spotlight_attn.errors import HasherMismatchError
+from spotlight_attn.kernels import hash as fused_hash
+from spotlight_attn.kernels import ops
 from spotlight_attn.kernels.pack import num_words, pack_signs, pack_signs_reference
 
 
@@ -72,12 +74,8 @@ def _codes(bank: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [B, n, S, D] -> packed codes [B, n, S, W]. A few rows per head on CUDA (a decode step's) go
     through the fused kernel (kernels/hash.py: the whole hash in one launch); others through the
     bank in torch, then packed."""
-    from spotlight_attn.kernels import hash as fused
-
     use = FUSED_KERNEL if FUSED_KERNEL is not None else x.is_cuda
-    if use and x.shape[0] * x.shape[2] <= fused.MAX_ROWS:
-        from spotlight_attn.kernels import ops
-
+    if use and x.shape[0] * x.shape[2] <= fused_hash.MAX_ROWS:
         folded, unfold = _heads_first(x)
         return unfold(ops.hash_codes_op(folded, *bank.kernel_weights(), use_kernel=1 if FUSED_KERNEL else -1))
     return _pack(bank(x))

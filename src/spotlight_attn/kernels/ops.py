@@ -14,9 +14,9 @@ outputs have shapes fixed by their arguments, so a whole decode step can be capt
 
 from __future__ import annotations
 
-import torch
-
 import logging
+
+import torch
 
 from spotlight_attn.config import Budget
 from spotlight_attn.kernels import _triton
@@ -118,9 +118,9 @@ def hash_codes_op(
     from spotlight_attn.kernels.hash import _hash_codes_triton, hash_codes_reference, serves
 
     args = (x, w1, b1, w2, b2, proj)
-    if use_kernel == 1 or (use_kernel < 0 and not _FUSED_HASH_FAILED and _use((x, proj), use_kernel) and serves(x, w1, proj)):
-        if use_kernel == 1:
-            return _hash_codes_triton(*args)
+    if use_kernel == 1:
+        return _hash_codes_triton(*args)
+    if use_kernel < 0 and not _FUSED_HASH_FAILED and _use((x, proj), use_kernel) and serves(x, w1, proj):
         try:
             return _hash_codes_triton(*args)
         except Exception as error:  # a Triton build failure on an untested GPU must not stop decoding
