@@ -1,10 +1,17 @@
 """Time launch variants of the Triton kernels (block sizes, warps, programs per SM) on one CUDA device.
 
-    PYTHONPATH=src python benchmarks/tune_kernels.py [--out DIR]
+    PYTHONPATH=src python benchmarks/tune_kernels.py [--cases generate|kernels] [--out DIR]
 
-For each variant: CUDA-graph median time at 512K tokens (Llama-3-8B geometry, batch 1 and 8; smollm2,
-batch 1) and, for batch 1 Llama, the GPU time of each kernel (torch profiler). Prints a table last;
-writes DIR/tune_kernels.log. Used to pick the launchers' defaults (see docs/kernels-notes.md).
+`--cases generate` (default): the decode step's own shapes through generate(), Llama-3-8B geometry at
+128K x 6 and 512K x 1, with the static cache's layouts (K/V token-major [B, T_max, Hkv, D] read as
+[B, Hkv, T, D] views, T_max = context + 64 steps, the index width of the budget at T_max); also the
+hash of a step's queries and new key (SimHash and the learned-hash shape, torch path against the
+fused kernel). `--cases kernels`: the kernel benchmark's shapes (512K tokens; Llama-3-8B batch 1 and 8,
+smollm2 batch 1), contiguous [B, Hkv, T, *].
+
+For each variant: CUDA-graph median time (twice: the spread is the noise) and, for the first case,
+the GPU time of each kernel (torch profiler). Prints a table last; writes DIR/tune_kernels.log. Used
+to pick the launchers' defaults (see docs/kernels-notes.md).
 """
 
 from __future__ import annotations
@@ -20,19 +27,30 @@ from _tee import open_tee
 
 from spotlight_attn.bench import GEOMETRIES, _median_graph_us, copy_bandwidth
 from spotlight_attn.config import Budget
-from spotlight_attn.kernels.score_select import _score_select_triton, plan_select
+from spotlight_attn.kernels.score_select import _score_select_triton, plan_from_lengths, plan_select
 from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton
 
 T = 524288
 SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
     dict(),
     dict(block_tokens=512, score_warps=4),
+    dict(block_tokens=2048),
+    dict(programs_per_sm=2),
+    dict(programs_per_sm=8),
+    dict(coarse_bins=32),
+    dict(emit_tokens=2048),
+    dict(emit_tokens=8192),
+    dict(block_tokens=512, score_warps=4, programs_per_sm=8),
 ]
 DECODE_VARIANTS = [  # keyword arguments of _sparse_decode_triton
     dict(),
     dict(programs_per_sm=4, max_splits=64),
+    dict(programs_per_sm=8, max_splits=64),
     dict(block_n=32),
+    dict(block_n=32, programs_per_sm=4, max_splits=64),
     dict(programs_per_sm=1),
+    dict(num_warps=8),
+    dict(num_stages=3),
 ]
 
 
@@ -53,20 +71,9 @@ def kernel_times(fn, reps=10) -> str:
     return " ".join(parts)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    args = parser.parse_args(argv)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log, log_file = open_tee(out / "tune_kernels.log")
-
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
-    log(f"# {torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, T={T}")
-    budget = Budget(0.02, 20, 4, 16)
+def kernel_cases(device, bandwidth, budget):
+    """The kernel benchmark's shapes: 512K tokens, contiguous codes and K/V."""
     k = budget.tokens_for(T)
-    table = []
     select_cases, decode_cases = [], []
     for name, b in (("llama3-8b", 1), ("llama3-8b", 8), ("smollm2", 1)):
         geo = GEOMETRIES[name]
@@ -75,32 +82,115 @@ def main(argv=None) -> int:
         codes = torch.randint(-(2**31), 2**31 - 1, (b, geo.kv_heads, T, words), dtype=torch.int32, device=device)
         plan = plan_select(torch.ones(b, T, dtype=torch.bool, device=device), budget)
         floor = (codes.numel() * 4 + b * geo.kv_heads * k * 8) / bandwidth * 1e6
-        select_cases.append((name, b, q, codes, plan, floor, geo.bits))
+        select_cases.append((f"{name} B={b}", q, codes, plan, floor, geo.bits))
         query = torch.randn(b, geo.q_heads, 1, geo.head_dim, device=device, dtype=torch.float16)
         keys = torch.randn(b, geo.kv_heads, T, geo.head_dim, device=device, dtype=torch.float16)
         values = torch.randn_like(keys)
         picks = torch.rand(b, geo.kv_heads, T, device=device).topk(k, dim=-1).indices.sort(dim=-1).values
         floor = (2 * b * geo.kv_heads * k * geo.head_dim * 2 + picks.numel() * 8) / bandwidth * 1e6
-        decode_cases.append((name, b, (query, keys, values, picks), floor, geo.head_dim**-0.5))
+        decode_cases.append((f"{name} B={b}", (query, keys, values, picks), floor, geo.head_dim**-0.5))
+    return select_cases, decode_cases
+
+
+def generate_cases(device, bandwidth, budget):
+    """The decode step's shapes and layouts through generate() (see the module docstring)."""
+    geo = GEOMETRIES["llama3-8b"]
+    select_cases, decode_cases = [], []
+    for context, b in ((131072, 6), (524288, 1)):
+        t_max = context + 64
+        n = context + 32  # the timed call's middle step, as the decode bench counts its floor
+        k_width, k = budget.tokens_for(t_max), budget.tokens_for(n)
+        words = geo.bits // 32
+        q = torch.randint(-(2**31), 2**31 - 1, (b, geo.q_heads, 1, words), dtype=torch.int32, device=device)
+        codes = torch.randint(-(2**31), 2**31 - 1, (b, geo.kv_heads, t_max, words), dtype=torch.int32, device=device)
+        lengths = torch.full((b,), n, device=device)
+        plan = plan_from_lengths(lengths, budget, k_width)
+        label = f"{context // 1024}K x {b}"
+        floor = (b * geo.kv_heads * n * words * 4 + b * geo.kv_heads * k * 8) / bandwidth * 1e6
+        select_cases.append((label, q, codes, plan, floor, geo.bits))
+        query = torch.randn(b, geo.q_heads, 1, geo.head_dim, device=device, dtype=torch.bfloat16)
+        by_token = torch.randn(b, t_max, geo.kv_heads, geo.head_dim, device=device, dtype=torch.bfloat16)
+        keys, values = by_token.transpose(1, 2), torch.randn_like(by_token).transpose(1, 2)
+        picks = torch.rand(b, geo.kv_heads, n, device=device).topk(k, dim=-1).indices.sort(dim=-1).values
+        picks = torch.nn.functional.pad(picks, (0, k_width - k), value=-1)
+        floor = (2 * b * geo.kv_heads * k * geo.head_dim * 2 + b * geo.kv_heads * k * 8) / bandwidth * 1e6
+        decode_cases.append((label, (query, keys, values, picks), floor, geo.head_dim**-0.5))
+    return select_cases, decode_cases
+
+
+def hash_rows(device, log) -> list[str]:
+    """A step's hash (queries and new key of one layer) at 128K x 6's batch: torch path vs fused kernel."""
+    from spotlight_attn.config import HasherConfig
+    from spotlight_attn.hashing import hasher as hashing
+    from spotlight_attn.models import ModelGeometry
+
+    geo = GEOMETRIES["llama3-8b"]
+    geometry = ModelGeometry("llama", 3, geo.q_heads, geo.kv_heads, geo.head_dim, 500000.0, 1 << 20)
+    b = 6
+    query = torch.randn(b, geo.q_heads, 1, geo.head_dim, device=device, dtype=torch.bfloat16)
+    key = torch.randn(b, geo.kv_heads, 1, geo.head_dim, device=device, dtype=torch.bfloat16)
+    hashers = {
+        "linear": hashing.LinearHasher(geometry, bits=geo.bits, layers=[2]),
+        "mlp": hashing.MLPHasher(geometry, HasherConfig(bits=geo.bits, depth=2, width=geo.head_dim), layers=[2]),
+    }
+    lines, saved = [], hashing.FUSED_KERNEL
+    try:
+        for name, h in hashers.items():
+            h = h.to(device)
+            cells, codes = [], []
+            for fused in (False, None):
+                hashing.FUSED_KERNEL = fused
+                call = lambda: h.step_codes(2, query, key)  # noqa: E731
+                codes.append(call())
+                us, again = _median_graph_us([call]), _median_graph_us([call])
+                cells.append(f"{'fused' if fused is None else 'torch'} {us:6.1f}/{again:6.1f} us")
+            same = all(torch.equal(a, c) for a, c in zip(codes[0], codes[1]))
+            line = f"hash {name:6s} B={b}: " + " | ".join(cells) + f" | codes equal: {same}"
+            log(line)
+            lines.append(line)
+    finally:
+        hashing.FUSED_KERNEL = saved
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", choices=("generate", "kernels"), default="generate")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log, log_file = open_tee(out / f"tune_kernels_{args.cases}.log")
+
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    log(f"# {torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, cases {args.cases}")
+    budget = Budget(0.02, 20, 4, 16)
+    cases = generate_cases if args.cases == "generate" else kernel_cases
+    select_cases, decode_cases = cases(device, bandwidth, budget)
+    table = hash_rows(device, log) if args.cases == "generate" else []
 
     for variant in SELECT_VARIANTS:
         cells = []
-        for name, b, q, codes, plan, floor, bits in select_cases:
+        for i, (label, q, codes, plan, floor, bits) in enumerate(select_cases):
             call = lambda: _score_select_triton(q, codes, plan, bits, **variant)  # noqa: E731
+            same = torch.equal(call(), _score_select_triton(q, codes, plan, bits))  # every variant selects the same keys
             us, again = _median_graph_us([call]), _median_graph_us([call])  # twice: the spread is the noise
-            cells.append(f"{name} B={b}: {us:6.1f}/{again:6.1f} us {min(us, again) / floor:4.2f}x")
-            if (name, b) == ("llama3-8b", 1):
+            cells.append(f"{label}: {us:6.1f}/{again:6.1f} us {min(us, again) / floor:4.2f}x{'' if same else ' DIFFERS'}")
+            if i == 0:
                 split = kernel_times(call)
-        line = f"score_select  {str(variant):70s} " + " | ".join(cells) + f" | {split}"
+        line = f"score_select  {str(variant):62s} " + " | ".join(cells) + f" | {split}"
         log(line)
         table.append(line)
     for variant in DECODE_VARIANTS:
         cells = []
-        for name, b, inputs, floor, scaling in decode_cases:
+        for label, inputs, floor, scaling in decode_cases:
             call = lambda: _sparse_decode_triton(*inputs, scaling, **variant)  # noqa: E731
+            ref = _sparse_decode_triton(*inputs, scaling).float()
+            err = float((call().float() - ref).abs().max() / ref.abs().max())
             us, again = _median_graph_us([call]), _median_graph_us([call])
-            cells.append(f"{name} B={b}: {us:6.1f}/{again:6.1f} us {min(us, again) / floor:4.2f}x")
-        line = f"sparse_decode {str(variant):70s} " + " | ".join(cells)
+            cells.append(f"{label}: {us:6.1f}/{again:6.1f} us {min(us, again) / floor:4.2f}x{'' if err < 1e-2 else f' ERR {err:.1e}'}")
+        line = f"sparse_decode {str(variant):62s} " + " | ".join(cells)
         log(line)
         table.append(line)
     log("")

@@ -401,6 +401,7 @@ def _score_select_triton(
     programs_per_sm: int = 4,
     score_warps: int = 8,
     prefetch: bool = True,
+    coarse_bins: int = COARSE_BINS,
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
     int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
@@ -420,7 +421,7 @@ def _score_select_triton(
     par = 1 if group % 2 == 0 else 0
     x_max = bits * (group >> par)
     shift = 0
-    while (x_max >> shift) >= COARSE_BINS:
+    while (x_max >> shift) >= coarse_bins:
         shift += 1
     fine_bins = max(1 << shift, 2)
     rows = b * hkv
@@ -442,7 +443,7 @@ def _score_select_triton(
     # compiler could not prove alignment and fell back to 2-byte stores and loads (2x slower, measured).
     t_stride = cdiv(t, 64) * 64
     scores = torch.empty(rows, t_stride, dtype=torch.int16, device=device)
-    hist = torch.empty(rows, chunks, COARSE_BINS, **i32)
+    hist = torch.empty(rows, chunks, coarse_bins, **i32)
     forced = torch.empty(rows, chunks, **i32)
     base = torch.empty(rows, chunks, **i32)
     fine = torch.empty(rows, chunks, fine_bins, **i32)
@@ -456,7 +457,7 @@ def _score_select_triton(
         query_codes.stride(0), query_codes.stride(1), key_codes.stride(0), key_codes.stride(1),
         hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks,
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
-        NP=(group >> par).bit_length(), SHIFT=shift, NBC=COARSE_BINS, MAXC=maxc, BT=bt,
+        NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
         HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch,
         num_warps=score_warps,
     )
