@@ -7,7 +7,9 @@
 #   fused128  as llama128 with the fused hash kernel on (SPOTLIGHT_FUSED_HASH=1; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
-#   tune      launch variants of score_select and sparse_decode, and the step's hash, at these shapes (benchmarks/tune_kernels.py)
+#   tune      launch variants of score_select and sparse_decode, and the step's hash, at these shapes (benchmarks/tune_kernels.py;
+#             TUNE_ONLY=hash|select|decode for one of them)
+# SPOTLIGHT_FUSED_HASH=1 in the environment turns the fused hash kernel on for every phase.
 # e.g. call 1: h200_generate.sh stash tests llama128   call 2 (at once): h200_generate.sh real llama512
 # Logs and JSON rows go to $OUT; every bench row runs in a process of its own.
 set -uo pipefail
@@ -43,7 +45,7 @@ for phase in "$@"; do
   profile)
     python3 benchmarks/profile_generate.py --shape llama3-8b --context 128K --batch 6 --out "$OUT/profile" 2>&1 \
         | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
-  tune) python3 benchmarks/tune_kernels.py --cases generate --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -n 25 ;;
+  tune) python3 benchmarks/tune_kernels.py --cases generate ${TUNE_ONLY:+--only $TUNE_ONLY} --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -n 25 ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

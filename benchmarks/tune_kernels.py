@@ -27,6 +27,7 @@ from _tee import open_tee
 
 from spotlight_attn.bench import GEOMETRIES, _median_graph_us, copy_bandwidth
 from spotlight_attn.config import Budget
+from spotlight_attn.kernels.hash import _hash_codes_triton, hash_codes_reference
 from spotlight_attn.kernels.score_select import _score_select_triton, plan_from_lengths, plan_select
 from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton
 
@@ -41,6 +42,12 @@ SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
     dict(emit_tokens=2048),
     dict(emit_tokens=8192),
     dict(block_tokens=512, score_warps=4, programs_per_sm=8),
+]
+HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
+    dict(),
+    dict(num_warps=8),
+    dict(bk=32),
+    dict(block_m=32),
 ]
 DECODE_VARIANTS = [  # keyword arguments of _sparse_decode_triton
     dict(),
@@ -145,7 +152,19 @@ def hash_rows(device, log) -> list[str]:
                 us, again = _median_graph_us([call]), _median_graph_us([call])
                 cells.append(f"{'fused' if fused is None else 'torch'} {us:6.1f}/{again:6.1f} us")
             same = all(torch.equal(a, c) for a, c in zip(codes[0], codes[1]))
-            line = f"hash {name:6s} B={b}: " + " | ".join(cells) + f" | codes equal: {same}"
+            line = f"hash {name:6s} B={b}: step_codes " + " | ".join(cells) + f" | codes equal: {same}"
+            log(line)
+            lines.append(line)
+            both = torch.cat([query.reshape(b, geo.kv_heads, -1, geo.head_dim), key], dim=2)  # as step_codes builds it
+            folded, _ = hashing._heads_first(both)
+            weights = h._bank("k", 2).kernel_weights()
+            want = hash_codes_reference(folded, *weights)
+            cells = [f"torch {_median_graph_us([lambda: hash_codes_reference(folded, *weights)]):6.1f} us"]
+            for variant in HASH_VARIANTS:
+                call = lambda: _hash_codes_triton(folded, *weights, **variant)  # noqa: E731
+                same = torch.equal(call(), want)
+                cells.append(f"{variant}: {_median_graph_us([call]):6.1f} us{'' if same else ' DIFFERS'}")
+            line = f"hash {name:6s} {tuple(folded.shape)} kernel alone: " + " | ".join(cells)
             log(line)
             lines.append(line)
     finally:
@@ -156,11 +175,12 @@ def hash_rows(device, log) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", choices=("generate", "kernels"), default="generate")
+    parser.add_argument("--only", choices=("hash", "select", "decode"), help="time one kernel's variants only")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log, log_file = open_tee(out / f"tune_kernels_{args.cases}.log")
+    log, log_file = open_tee(out / f"tune_kernels_{args.cases}{'_' + args.only if args.only else ''}.log")
 
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
@@ -168,9 +188,10 @@ def main(argv=None) -> int:
     budget = Budget(0.02, 20, 4, 16)
     cases = generate_cases if args.cases == "generate" else kernel_cases
     select_cases, decode_cases = cases(device, bandwidth, budget)
-    table = hash_rows(device, log) if args.cases == "generate" else []
+    wanted = lambda part: args.only in (None, part)  # noqa: E731
+    table = hash_rows(device, log) if args.cases == "generate" and wanted("hash") else []
 
-    for variant in SELECT_VARIANTS:
+    for variant in SELECT_VARIANTS if wanted("select") else []:
         cells = []
         for i, (label, q, codes, plan, floor, bits) in enumerate(select_cases):
             call = lambda: _score_select_triton(q, codes, plan, bits, **variant)  # noqa: E731
@@ -182,7 +203,7 @@ def main(argv=None) -> int:
         line = f"score_select  {str(variant):62s} " + " | ".join(cells) + f" | {split}"
         log(line)
         table.append(line)
-    for variant in DECODE_VARIANTS:
+    for variant in DECODE_VARIANTS if wanted("decode") else []:
         cells = []
         for label, inputs, floor, scaling in decode_cases:
             call = lambda: _sparse_decode_triton(*inputs, scaling, **variant)  # noqa: E731

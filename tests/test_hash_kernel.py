@@ -62,6 +62,7 @@ def agree(codes, want, values, bits) -> int:
     (1, 37, 48, 24, 100, 1),  # odd rows and dims, bits not a multiple of 32
     (4, 33, 128, 128, 128, 2),  # Llama-3-8B's dims, two row blocks
     (2, 7, 32, 0, 96, 0),     # SimHash: the projection alone
+    (1, 18, 32, 16, 512, 1),  # the widest code it takes, two row blocks
 ])
 def test_fused_hash_equals_the_reference(n, m, d, width, bits, depth):
     weights = bank_weights(n, d, width, bits, depth, seed=n * 100 + m)

@@ -53,42 +53,76 @@ def serves(x: torch.Tensor, w1, proj: torch.Tensor) -> bool:
 
 @_triton.kernel
 def _hash_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr, scratch_ptr,
     n_heads, m, d, width, bits, stride_xh, stride_xm,
-    DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, WORDS: tl.constexpr,
+    DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, BITS_PAD: tl.constexpr,
+    WORDS: tl.constexpr, BK: tl.constexpr,
 ):
-    """One program: rows [BLOCK_M block] of head program_id(0). Weights contiguous as in the module docstring."""
+    """One program: rows [BLOCK_M block] of head program_id(0). Weights contiguous as in the module docstring.
+
+    The running rows stay in registers as the accumulator; every matmul reads its left operand back
+    from this program's scratch rows BK columns at a time, so an operand tile is [BLOCK_M, BK] x
+    [BK, N] (a whole [BLOCK_M, 128] x [128, 128] operand pair spilled thousands of registers)."""
     head = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    blk_m = tl.program_id(1)
+    rows = blk_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = tl.arange(0, BLOCK_M)
     dim = tl.arange(0, D_PAD)
     hid = tl.arange(0, W_PAD)
+    kk = tl.arange(0, BK)
     row_ok = rows < m
     d_ok = dim < d
+    w_ok = hid < width
     x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
-    x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
+    # This program's scratch: x rows [BLOCK_M, D_PAD] then hidden rows [BLOCK_M, W_PAD], float32.
+    scratch_x = scratch_ptr + (head * tl.num_programs(1) + blk_m).to(tl.int64) * BLOCK_M * (D_PAD + W_PAD)
+    scratch_h = scratch_x + BLOCK_M * D_PAD
     for i in tl.static_range(DEPTH):
         blk = (i * n_heads + head).to(tl.int64)
-        w_ok = hid < width
-        w1 = tl.load(w1_ptr + blk * d * width + dim[:, None] * width + hid[None, :], mask=d_ok[:, None] & w_ok[None, :], other=0.0)
+        tl.store(scratch_x + local[:, None] * D_PAD + dim[None, :], x)
+        tl.debug_barrier()  # the rows written by every thread, before any reads them back
+        hidden = tl.full([BLOCK_M, W_PAD], 0.0, tl.float32)
+        for k0 in range(0, D_PAD, BK):
+            xa = tl.load(scratch_x + local[:, None] * D_PAD + (k0 + kk)[None, :])
+            w1 = tl.load(w1_ptr + blk * d * width + (k0 + kk)[:, None] * width + hid[None, :],
+                         mask=((k0 + kk) < d)[:, None] & w_ok[None, :], other=0.0)
+            hidden += tl.dot(xa, w1, input_precision="ieee")
         b1 = tl.load(b1_ptr + blk * width + hid, mask=w_ok, other=0.0)
-        hidden = tl.dot(x, w1, input_precision="ieee") + b1[None, :]
+        hidden = hidden + b1[None, :]
         hidden = hidden / (1.0 + tl.exp(tl.minimum(-hidden, 80.0)))  # silu (tl.sigmoid: a jit function the interpreter may not call)
-        w2 = tl.load(w2_ptr + blk * width * d + hid[:, None] * d + dim[None, :], mask=w_ok[:, None] & d_ok[None, :], other=0.0)
+        tl.store(scratch_h + local[:, None] * W_PAD + hid[None, :], hidden)
+        tl.debug_barrier()
         b2 = tl.load(b2_ptr + blk * d + dim, mask=d_ok, other=0.0)
-        x = x + (tl.dot(hidden, w2, input_precision="ieee") + b2[None, :])
-    bit = tl.arange(0, 32)
+        delta = tl.full([BLOCK_M, D_PAD], 0.0, tl.float32)
+        for k0 in range(0, W_PAD, BK):
+            ha = tl.load(scratch_h + local[:, None] * W_PAD + (k0 + kk)[None, :])
+            w2 = tl.load(w2_ptr + blk * width * d + (k0 + kk)[:, None] * d + dim[None, :],
+                         mask=((k0 + kk) < width)[:, None] & d_ok[None, :], other=0.0)
+            delta += tl.dot(ha, w2, input_precision="ieee")
+        x = x + (delta + b2[None, :])
+        tl.debug_barrier()  # every read of this block's scratch done before the next block rewrites it
+    tl.store(scratch_x + local[:, None] * D_PAD + dim[None, :], x)
+    tl.debug_barrier()
+    col = tl.arange(0, BITS_PAD)
+    hashed = tl.full([BLOCK_M, BITS_PAD], 0.0, tl.float32)
     proj_head = proj_ptr + head.to(tl.int64) * d * bits
-    for word in tl.static_range(WORDS):
-        col = word * 32 + bit
-        p = tl.load(proj_head + dim[:, None] * bits + col[None, :], mask=d_ok[:, None] & (col[None, :] < bits), other=0.0)
-        hashed = tl.dot(x, p, input_precision="ieee")  # [BLOCK_M, 32]; padded bits are exactly 0: never set
-        # Distinct bits: their sum is their OR, and bit 31 wraps to the int32 sign bit as intended.
-        packed = _sum(tl.where(hashed > 0, 1 << bit[None, :], 0), axis=1)
-        tl.store(out_ptr + (head.to(tl.int64) * m + rows) * WORDS + word, packed, mask=row_ok)
+    for k0 in range(0, D_PAD, BK):
+        xa = tl.load(scratch_x + local[:, None] * D_PAD + (k0 + kk)[None, :])
+        p = tl.load(proj_head + (k0 + kk)[:, None] * bits + col[None, :],
+                    mask=((k0 + kk) < d)[:, None] & (col[None, :] < bits), other=0.0)
+        hashed += tl.dot(xa, p, input_precision="ieee")  # padded bits are exactly 0: never set
+    # Distinct bits: their sum is their OR, and bit 31 wraps to the int32 sign bit as intended.
+    one_bits = tl.where(hashed > 0, 1 << (col % 32)[None, :], 0)
+    packed = _sum(tl.reshape(one_bits, [BLOCK_M, BITS_PAD // 32, 32]), axis=2)  # [BLOCK_M, BITS_PAD // 32]
+    word = tl.arange(0, BITS_PAD // 32)
+    tl.store(out_ptr + (head.to(tl.int64) * m + rows[:, None]) * WORDS + word[None, :], packed,
+             mask=row_ok[:, None] & (word[None, :] < WORDS))
 
 
-def _hash_codes_triton(x, w1, b1, w2, b2, proj) -> torch.Tensor:
-    """Launcher: same contract as hash_codes_reference."""
+def _hash_codes_triton(x, w1, b1, w2, b2, proj, *, block_m: int = 16, bk: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """Launcher: same contract as hash_codes_reference. The keyword arguments size a program's work
+    (benchmarks/tune_kernels.py times them)."""
     _triton.bind(globals())
     n, m, d = x.shape
     bits = proj.shape[-1]
@@ -105,10 +139,12 @@ def _hash_codes_triton(x, w1, b1, w2, b2, proj) -> torch.Tensor:
     else:
         w1 = b1 = w2 = b2 = proj  # not read
     proj = proj.contiguous()
-    block_m = 16 if m <= 16 else 32
-    _hash_kernel[(n, cdiv(m, block_m))](
-        x, w1, b1, w2, b2, proj, out, n, m, d, width, bits, x.stride(0), x.stride(1),
-        DEPTH=depth, BLOCK_M=block_m, D_PAD=max(16, next_pow2(d)), W_PAD=max(16, next_pow2(max(width, 1))),
-        WORDS=words, num_warps=4,
+    d_pad, w_pad = max(16, next_pow2(d)), max(16, next_pow2(max(width, 1)))
+    blocks_m = cdiv(m, block_m)
+    scratch = torch.empty(n * blocks_m * block_m * (d_pad + w_pad), dtype=torch.float32, device=x.device)
+    _hash_kernel[(n, blocks_m)](
+        x, w1, b1, w2, b2, proj, out, scratch, n, m, d, width, bits, x.stride(0), x.stride(1),
+        DEPTH=depth, BLOCK_M=block_m, D_PAD=d_pad, W_PAD=w_pad, BITS_PAD=max(32, next_pow2(bits)), WORDS=words,
+        BK=bk, num_warps=num_warps,
     )
     return out
