@@ -414,6 +414,10 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         row.floor_ms = step_floor_bytes(model, lengths, config, floor_hasher) / bandwidth * 1e3
         row.warmup_s = warmup_s
+        if hasher_name in ("linear", "mlp", "learned"):
+            from spotlight_attn.hashing.hasher import hash_path
+
+            row.note = f"hash: {hash_path(device)}"
         log(f"#   {row.label}: {row.ms_per_step:.3f} ms/step, warm-up call {warmup_s:.1f} s")
         out.append(row)
     _finish(out)

@@ -70,6 +70,12 @@ def _heads_first(x: torch.Tensor):
 FUSED_KERNEL: bool | None = None if os.environ.get("SPOTLIGHT_FUSED_HASH", "0") == "1" else False
 
 
+def hash_path(device: torch.device) -> str:
+    """How a decode step hashes on `device`: "fused kernel" or "torch" (what bench rows record)."""
+    use = FUSED_KERNEL if FUSED_KERNEL is not None else torch.device(device).type == "cuda"
+    return "fused kernel" if use else "torch"
+
+
 def _codes(bank: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [B, n, S, D] -> packed codes [B, n, S, W]. A few rows per head on CUDA (a decode step's) go
     through the fused kernel (kernels/hash.py: the whole hash in one launch); others through the
