@@ -4,12 +4,12 @@
 #   tests     GPU tests of the static path, kernels and hashers, and the fused hash kernel's tests on CUDA
 #   llama128  Llama-3-8B shape, 128K x 6 (hf-static, dense, SimHash, learned-hash shape)
 #   llama512  Llama-3-8B shape, 512K x 1 (dense, SimHash, learned-hash shape)
-#   fused128  as llama128 with the fused hash kernel on (SPOTLIGHT_FUSED_HASH=1; dense, SimHash, learned-hash shape)
+#   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
 #   tune      launch variants of score_select and sparse_decode, and the step's hash, at these shapes (benchmarks/tune_kernels.py;
 #             TUNE_ONLY=hash|select|decode for one of them)
-# SPOTLIGHT_FUSED_HASH=1 in the environment turns the fused hash kernel on for every phase.
+# SPOTLIGHT_FUSED_HASH=0 in the environment turns the fused hash kernel off for every phase.
 # e.g. call 1: h200_generate.sh stash tests llama128   call 2 (at once): h200_generate.sh real llama512
 # Logs and JSON rows go to $OUT; every bench row runs in a process of its own.
 set -uo pipefail
@@ -29,9 +29,9 @@ for phase in "$@"; do
   llama128)
     bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
         --json "$OUT/llama3_128k_x6.json" | tee "$log" ;;
-  fused128)
-    SPOTLIGHT_FUSED_HASH=1 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
-        --baselines dense --json "$OUT/llama3_128k_x6_fused.json" | tee "$log" ;;
+  torch128)
+    SPOTLIGHT_FUSED_HASH=0 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
+        --baselines dense --json "$OUT/llama3_128k_x6_torch_hash.json" | tee "$log" ;;
   llama512)
     bench --shape llama3-8b --context 512K --batch 1 --budget 0.02 --hasher linear,mlp --baselines dense \
         --json "$OUT/llama3_512k_x1.json" | tee "$log" ;;

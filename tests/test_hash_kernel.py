@@ -159,3 +159,17 @@ def test_the_op_traces_with_fullgraph(monkeypatch):
     got = torch.compile(lambda a, b: hasher.step_codes(0, a, b), fullgraph=True, backend="aot_eager")(q, k)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("env,want", [(None, "None fused kernel torch"), ("0", "False torch torch"), ("1", "None fused kernel torch")])
+def test_the_fused_kernel_is_on_for_cuda_by_default_and_the_environment_turns_it_off(env, want):
+    import subprocess
+    import sys
+
+    code = ("from spotlight_attn.hashing import hasher as h; "
+            "print(h.FUSED_KERNEL, h.hash_path('cuda'), h.hash_path('cpu'))")
+    environ = {k: v for k, v in os.environ.items() if k != "SPOTLIGHT_FUSED_HASH"}
+    if env is not None:
+        environ["SPOTLIGHT_FUSED_HASH"] = env
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want
