@@ -215,3 +215,80 @@ def test_builtin_corpora_stay_held_out_by_default():
 
     assert {default_split(name) for name in BUILTIN} == {"heldout"}
     assert default_split("my_book.txt") == "all"
+
+
+def test_bootstrap_intervals_cover_the_mean_repeat_and_narrow_with_more_units():
+    from spotlight_attn.eval.stats import mean_interval
+
+    g = torch.Generator().manual_seed(0)
+    few, many = torch.rand(8, generator=g), torch.rand(800, generator=g)
+    lo, hi = mean_interval(few)
+    assert lo < float(few.mean()) < hi and (lo, hi) == mean_interval(few)  # seeded: the same interval again
+    lo2, hi2 = mean_interval(many)
+    assert hi2 - lo2 < (hi - lo) / 4  # 100x the units: about a tenth of the width
+    assert mean_interval([0.7] * 5) == (pytest.approx(0.7), pytest.approx(0.7))  # no spread, no width
+
+
+def _ppl_results(rows):
+    return {"kind": "ppl", "meta": {"model": "tiny", "settings": {}}, "rows": rows}
+
+
+def test_ppl_vs_dense_is_paired_over_chunks():
+    """A method that adds the same NLL per token to every chunk is exactly that much worse, whatever the
+    chunks' own spread: the paired interval has no width, the unpaired PPL interval has."""
+    from spotlight_attn.eval.stats import summarize
+
+    nll_dense = [100.0, 250.0, 80.0, 400.0]  # chunks of very different difficulty
+    tokens = [50, 50, 50, 50]
+    worse = [n + 0.1 * t for n, t in zip(nll_dense, tokens)]
+
+    def row(method, nll):
+        return {"method": method, "budget": None if method == "dense" else 0.1, "ppl": math.exp(sum(nll) / sum(tokens)), "tokens": 200,
+                "read_fraction": 1.0,
+                "chunk_nll": nll, "chunk_tokens": tokens}
+
+    results = summarize(_ppl_results([row("dense", nll_dense), row("oracle", worse)]))
+    dense, method = results["rows"]
+    assert method["ppl_vs_dense"] == pytest.approx(math.exp(0.1) - 1)
+    assert method["ppl_vs_dense_lo"] == pytest.approx(math.exp(0.1) - 1) == pytest.approx(method["ppl_vs_dense_hi"])
+    assert dense["ppl_lo"] < dense["ppl"] < dense["ppl_hi"] and "ppl_vs_dense" not in dense
+    assert "[+10.52, +10.52]" in markdown(results) and results["meta"]["intervals"]["level"] == 0.95
+
+
+def test_needle_summary_has_accuracy_and_paired_difference_with_intervals():
+    from spotlight_attn.eval.stats import summarize
+
+    rows = []
+    for seed in range(20):
+        for method, budget, score in (("dense", None, 1.0), ("oracle", 0.1, float(seed % 2))):
+            rows.append({"kind": "passkey", "length": 100, "depth": 0.5, "seed": seed, "method": method, "budget": budget,
+                         "score": score})
+    results = summarize({"kind": "needle", "meta": {"model": "tiny", "settings": {"kinds": ["passkey"], "lengths": [100]}}, "rows": rows})
+    summary = {r["method"]: r for r in results["summary"]}
+    assert summary["dense"]["accuracy"] == 1.0 and summary["dense"]["units"] == 20
+    oracle = summary["oracle"]
+    assert oracle["accuracy"] == 0.5 and oracle["accuracy_lo"] < 0.5 < oracle["accuracy_hi"]
+    assert oracle["accuracy_vs_dense"] == -0.5 and oracle["accuracy_vs_dense_hi"] < 0  # worse than dense, surely
+    table = markdown(results)
+    assert "**50.0** [" in table and "-50.0 [" in table
+
+
+def test_evaluations_write_per_unit_figures_and_intervals_and_old_files_still_render():
+    model, methods = _setup()
+    torch.manual_seed(3)
+    chunks = torch.randint(3, 128, (3, 40))
+    results = evaluate_ppl(model, methods, common.parse_methods("dense,oracle"), [0.2], chunks, 11, progress=False)
+    for row in results["rows"]:
+        assert len(row["chunk_nll"]) == 3 and row["ppl_lo"] <= row["ppl"] <= row["ppl_hi"]
+    oracle = next(r for r in results["rows"] if r["method"] == "oracle")
+    assert oracle["ppl_vs_dense_lo"] <= oracle["ppl_vs_dense"] <= oracle["ppl_vs_dense_hi"]
+    retrieval = evaluate_retrieval(model, methods, common.parse_methods("linear32"), [0.2], {20: torch.randint(3, 128, (2, 26))},
+                                   steps=4, progress=False)
+    row = retrieval["rows"][0]
+    assert len(row["chunk_mass"]) == 2 and row["mass_lo"] <= row["mass"] + 1e-9 and row["mass"] <= row["mass_hi"] + 1e-9
+    assert row["mass"] == pytest.approx(sum(row["chunk_mass"]) / 2)  # equal steps per chunk: the mean of the chunks
+    for old in (results, retrieval):  # a results file from before the intervals: tables without them
+        for r in old["rows"]:
+            for key in [k for k in r if k.endswith(("_lo", "_hi")) or k.startswith("chunk_")]:
+                del r[key]
+        assert " [" not in markdown(old).split("\n\n")[-2]

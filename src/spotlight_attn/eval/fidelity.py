@@ -22,6 +22,7 @@ from spotlight_attn.config import Method
 from spotlight_attn.errors import SpotlightError
 from spotlight_attn.eval.common import MethodSpec, Methods, decode_tokens, dense_prefill, greedy, new_results, runs
 from spotlight_attn.eval.needle import stop_ids
+from spotlight_attn.eval.stats import summarize
 from spotlight_attn.tasks import Task, encode_task
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -87,4 +88,4 @@ def evaluate_fidelity(
                     "rouge_l_dense": rouge_l(dense_reply, reply), "rouge_l_truth": rouge_l(task.answers[0], reply),
                 })
                 bar.update(1)
-    return results
+    return summarize(results)

@@ -4,7 +4,8 @@ For each task the context (instructions + haystack) is prefilled once, densely, 
 method (index_cache); the question, the chat template's closing markers and the answer prefix are
 then decoded one token at a time through the method under test, and the answer is generated greedily
 through it. So retrieval decides what the question attends to, as it would in real use.
-Score: RULER's string match, the fraction of the expected answers found in the reply.
+Score: RULER's string match, the fraction of the expected answers found in the reply; accuracy per
+(method, budget) with a 95% bootstrap interval over tasks, and paired against dense (eval/stats.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spotlight_attn.eval.common import MethodSpec, Methods, decode_tokens, dense_prefill, greedy, new_results, runs
+from spotlight_attn.eval.stats import summarize
 from spotlight_attn.tasks import encode_task, make_task
 
 
@@ -53,4 +55,4 @@ def evaluate_needle(
                     "method": spec.label, "budget": budget, "score": task.score(reply), "reply": reply, "answers": task.answers,
                 })
                 bar.update(1)
-    return results
+    return summarize(results)

@@ -3,7 +3,8 @@
 Each chunk of `length` tokens is split at `prefix`: the prefix is prefilled (dense, as every method
 prefills); every later position predicts the next token while attending only to what the method
 selects over its causal past. Perplexity = exp(mean negative log-likelihood of the tokens at
-positions prefix+1 .. length-1), pooled over chunks. Two modes give the same numbers:
+positions prefix+1 .. length-1), pooled over chunks, with a 95% bootstrap interval over chunks (and,
+against a dense row of the same run, a paired one: eval/stats.py). Two modes give the same numbers:
 - "decode": the prefix is prefilled, then the text is fed one token at a time (exactly decoding);
 - "fast": one forward pass under attention.teacher_forcing(model, prefix), where every position
   >= prefix selects over its causal past with the same selector and rules (tests check the two agree).
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from spotlight_attn import compat
 from spotlight_attn.errors import SpotlightError
 from spotlight_attn.eval.common import MethodSpec, Methods, decode_tokens, new_results, runs
+from spotlight_attn.eval.stats import summarize
 
 MODES = ("fast", "decode")
 
@@ -61,13 +63,14 @@ def evaluate_ppl(
     with tqdm(total=len(pairs) * chunks.shape[0], desc=f"ppl ({mode})", unit="chunk", disable=not progress) as bar:
         for spec, budget in pairs:
             methods.enable(spec, budget)
-            nll = tokens = read = 0.0
+            per_chunk = []
             for chunk in chunks:
-                n, c, r = chunk_nll(model, chunk, prefix, mode)
-                nll, tokens, read = nll + n, tokens + c, read + r
+                per_chunk.append(chunk_nll(model, chunk, prefix, mode))
                 bar.update(1)
+            nll, tokens = sum(n for n, _, _ in per_chunk), sum(c for _, c, _ in per_chunk)
             results["rows"].append({
                 "method": spec.label, "budget": budget, "nll": nll / tokens, "ppl": math.exp(nll / tokens),
-                "tokens": int(tokens), "read_fraction": read / chunks.shape[0],
+                "tokens": int(tokens), "read_fraction": sum(r for _, _, r in per_chunk) / len(per_chunk),
+                "chunk_nll": [n for n, _, _ in per_chunk], "chunk_tokens": [c for _, c, _ in per_chunk],
             })
-    return results
+    return summarize(results)

@@ -19,6 +19,18 @@ def _budget(b) -> str:
     return f"{b:.0%}" if isinstance(b, float) else f"{b} tok"
 
 
+def _ci(row: dict, name: str, scale: float = 1.0, digits: int = 3, sign: bool = False) -> str:
+    """' [lo, hi]' of a figure's bootstrap interval (eval/stats.py), or '' for results without one."""
+    if f"{name}_lo" not in row:
+        return ""
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f" [{fmt.format(row[f'{name}_lo'] * scale)}, {fmt.format(row[f'{name}_hi'] * scale)}]"
+
+
+def _summary(results: dict) -> dict[tuple, dict]:
+    return {(r["method"], r["budget"]): r for r in results.get("summary", [])}
+
+
 def _groups(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
@@ -71,9 +83,11 @@ def _retrieval_md(results: dict) -> str:
     rows = []
     for pair in _order(results):
         by_context = {r["context"]: r for r in groups[pair]}
-        cells = [f"{by_context[c]['iou']:.3f} / {by_context[c]['mass']:.3f}" if c in by_context else "-" for c in contexts]
+        cells = [f"{by_context[c]['iou']:.3f} / {by_context[c]['mass']:.3f}{_ci(by_context[c], 'mass')}" if c in by_context else "-"
+                 for c in contexts]
         rows.append([pair[0], _budget(pair[1]), *cells, f"{mean(r['iou'] for r in groups[pair]):.3f}", f"{mean(r['mass'] for r in groups[pair]):.3f}"])
-    return "IoU vs the oracle's selection and attention-mass recall (dense = 1), mean over sparse layers and KV heads.\n\n" + _table(head, rows)
+    return ("IoU vs the oracle's selection and attention-mass recall (dense = 1), mean over sparse layers and KV heads; "
+            "[95% bootstrap interval of the mass over chunks].\n\n" + _table(head, rows))
 
 
 def _ppl_md(results: dict) -> str:
@@ -81,34 +95,45 @@ def _ppl_md(results: dict) -> str:
     rows = []
     for row in sorted(results["rows"], key=lambda r: _order(results).index((r["method"], r["budget"]))):
         delta = f"{(row['ppl'] / dense - 1) * 100:+.2f}%" if dense else "-"
-        rows.append([row["method"], _budget(row["budget"]), f"{row['ppl']:.3f}", delta, f"{row['read_fraction']:.3f}", str(row["tokens"])])
-    return _table(["method", "budget", "PPL", "vs dense", "read fraction", "tokens scored"], rows)
+        if dense and row["method"] != "dense":
+            delta += _ci(row, "ppl_vs_dense", 100, 2, sign=True)
+        rows.append([row["method"], _budget(row["budget"]), f"{row['ppl']:.3f}{_ci(row, 'ppl')}", delta,
+                     f"{row['read_fraction']:.3f}", str(row["tokens"])])
+    note = "\n\n[95% bootstrap intervals over chunks; vs dense paired]" if any("ppl_lo" in r for r in results["rows"]) else ""
+    return _table(["method", "budget", "PPL", "vs dense", "read fraction", "tokens scored"], rows) + note
 
 
 def _needle_md(results: dict) -> str:
     kinds = results["meta"]["settings"]["kinds"]
     lengths = results["meta"]["settings"]["lengths"]
     groups = _groups(results["rows"], "method", "budget")
-    head = ["method", "budget"] + kinds + [f"len {n}" for n in lengths] + ["all"]
+    summary = _summary(results)
+    head = ["method", "budget"] + kinds + [f"len {n}" for n in lengths] + ["all", "vs dense (points)"]
     rows = []
     for pair in _order(results):
         rs = groups[pair]
         cells = [f"{100 * mean(r['score'] for r in rs if r['kind'] == k):.1f}" for k in kinds]
         cells += [f"{100 * mean(r['score'] for r in rs if r['length'] == n):.1f}" for n in lengths]
-        rows.append([pair[0], _budget(pair[1]), *cells, f"**{100 * mean(r['score'] for r in rs):.1f}**"])
+        row = summary.get(pair, {})
+        vs = (f"{100 * row['accuracy_vs_dense']:+.1f}{_ci(row, 'accuracy_vs_dense', 100, 1, sign=True)}"
+              if "accuracy_vs_dense" in row else "-")
+        rows.append([pair[0], _budget(pair[1]), *cells, f"**{100 * mean(r['score'] for r in rs):.1f}**{_ci(row, 'accuracy', 100, 1)}", vs])
     cases = len(_groups(results["rows"], "kind", "length", "depth", "seed"))
-    return f"Accuracy (%), RULER string match, {cases} tasks per method (all depths and seeds).\n\n" + _table(head, rows)
+    return (f"Accuracy (%), RULER string match, {cases} tasks per method (all depths and seeds); "
+            "[95% bootstrap intervals over tasks; vs dense paired].\n\n" + _table(head, rows))
 
 
 def _fidelity_md(results: dict) -> str:
     groups = _groups(results["rows"], "method", "budget")
     rows = []
+    summary = _summary(results)
     for pair in _order(results):
-        rs = groups[pair]
-        rows.append([pair[0], _budget(pair[1]), f"{100 * mean(r['exact'] for r in rs):.1f}", f"{mean(r['agreement'] for r in rs):.3f}",
-                     f"{mean(r['rouge_l_dense'] for r in rs):.3f}", f"{mean(r['rouge_l_truth'] for r in rs):.3f}"])
+        rs, ci = groups[pair], summary.get(pair, {})
+        rows.append([pair[0], _budget(pair[1]), f"{100 * mean(r['exact'] for r in rs):.1f}{_ci(ci, 'exact', 100, 1)}",
+                     f"{mean(r['agreement'] for r in rs):.3f}{_ci(ci, 'agreement')}",
+                     f"{mean(r['rouge_l_dense'] for r in rs):.3f}{_ci(ci, 'rouge_l_dense')}", f"{mean(r['rouge_l_truth'] for r in rs):.3f}"])
     prompts = len(_groups(results["rows"], "prompt"))
-    return (f"Greedy replies vs the dense model's on {prompts} prompts.\n\n"
+    return (f"Greedy replies vs the dense model's on {prompts} prompts; [95% bootstrap intervals over prompts].\n\n"
             + _table(["method", "budget", "exact match %", "token agreement", "ROUGE-L vs dense", "ROUGE-L vs truth"], rows))
 
 

@@ -10,14 +10,19 @@ compared with the oracle's on that step's exact queries and cache:
 - IoU = |selected AND true| / |selected OR true|, per (layer, KV head, step), then averaged.
 - Attention-mass recall = group-summed softmax probability on the selected keys, divided by G
   (dense = 1), per (layer, KV head, step), then averaged.
+Each figure comes with a 95% bootstrap interval over chunks (eval/stats.py), from its per-chunk
+means (`chunk_iou`, `chunk_mass`).
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 from tqdm.auto import tqdm
 
 from spotlight_attn.eval.common import MethodSpec, Methods, decode_tokens, dense_prefill, new_results, runs
+from spotlight_attn.eval.stats import summarize
 from spotlight_attn.metrics import selection_quality
 from spotlight_attn.selection.selectors import OracleSelector, Selector
 from spotlight_attn.selection.topk import select_topk, selected_mask
@@ -73,24 +78,29 @@ def evaluate_retrieval(
         {"contexts": sorted(chunks_by_context), "chunks": {c: int(x.shape[0]) for c, x in chunks_by_context.items()}, "steps": steps,
          "sparse_layers": [i for i in range(geometry.num_layers) if i not in methods.base.dense_layers]},
     )
-    totals = {(c, s.label, b): _Totals(geometry.num_layers, geometry.num_kv_heads) for c in chunks_by_context for s, b in pairs}
+    per_chunk = defaultdict(list)  # (context, method, budget) -> one _Totals per chunk
     work = sum(x.shape[0] for x in chunks_by_context.values()) * len(pairs)
     with tqdm(total=work, desc="retrieval", unit="run", disable=not progress) as bar:
         for context, chunks in sorted(chunks_by_context.items()):
             for chunk in chunks:
                 _, prefill = dense_prefill(model, chunk[None, :context])
                 for spec, budget in pairs:
+                    totals = _Totals(geometry.num_layers, geometry.num_kv_heads)
+                    per_chunk[context, spec.label, budget].append(totals)
                     installed = methods.enable(spec, budget)
-                    installed.selector = ProbeSelector(installed.selector, totals[context, spec.label, budget])
+                    installed.selector = ProbeSelector(installed.selector, totals)
                     decode_tokens(model, index_cache(model, prefill), chunk[None, context : context + steps])
                     bar.update(1)
     layers = results["meta"]["settings"]["sparse_layers"]
-    for (context, label, budget), t in totals.items():
-        count = t.count[layers].clamp(min=1)[:, None]
-        iou, mass = (t.iou[layers] / count), (t.mass[layers] / count)  # [layers, Hkv]
+    for (context, label, budget), chunk_totals in per_chunk.items():
+        iou_sum, mass_sum, count = (sum(getattr(t, name)[layers] for t in chunk_totals) for name in ("iou", "mass", "count"))
+        count = count.clamp(min=1)[:, None]
+        iou, mass = iou_sum / count, mass_sum / count  # [layers, Hkv]
         results["rows"].append({
             "context": context, "method": label, "budget": budget,
             "iou": float(iou.mean()), "mass": float(mass.mean()),
             "layers": layers, "iou_layer_head": iou.tolist(), "mass_layer_head": mass.tolist(),
+            "chunk_iou": [float((t.iou[layers] / t.count[layers].clamp(min=1)[:, None]).mean()) for t in chunk_totals],
+            "chunk_mass": [float((t.mass[layers] / t.count[layers].clamp(min=1)[:, None]).mean()) for t in chunk_totals],
         })
-    return results
+    return summarize(results)
