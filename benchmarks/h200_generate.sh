@@ -9,6 +9,9 @@
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
 #   tune      launch variants of score_select and sparse_decode, and the step's hash, at these shapes (benchmarks/tune_kernels.py;
 #             TUNE_ONLY=hash|select|decode for one of them)
+#   hash      the fused hash kernel's tests compiled on CUDA
+#   train     the streaming hash trainer's throughput at the Llama-3-8B shape, 8K chunks (benchmarks/train_throughput.py),
+#             and its GPU test
 # SPOTLIGHT_FUSED_HASH=0 in the environment turns the fused hash kernel off for every phase.
 # e.g. call 1: h200_generate.sh stash tests llama128   call 2 (at once): h200_generate.sh real llama512
 # Logs and JSON rows go to $OUT; every bench row runs in a process of its own.
@@ -40,11 +43,16 @@ for phase in "$@"; do
         cat /root/xfer/part1 .model/b/part2 > /root/smollm2.gguf; }
     echo "$(cat .model/b/sha256)  /root/smollm2.gguf" | sha256sum -c - || exit 4
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    bench --model /root/smollm2.gguf --context 8000 --batch 1,32 --budget 0.1 --hasher learned \
+    bench --model /root/smollm2.gguf --context 8000 --batch 1,32 --budget 0.1 --hasher learned --baselines "${REAL_BASELINES:-hf-static,dense}" \
         --json "$OUT/real_smollm2.json" | tee "$log" ;;
   profile)
     python3 benchmarks/profile_generate.py --shape llama3-8b --context 128K --batch 6 --out "$OUT/profile" 2>&1 \
         | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
+  hash) python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 3 | tee "$log" ;;
+  train)
+    { python3 benchmarks/train_throughput.py --out "$OUT" 2>&1 | grep -v "Warning\|warn"
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py 2>&1 | tail -n 3
+    } | tee "$log" ;;
   tune) python3 benchmarks/tune_kernels.py --cases generate ${TUNE_ONLY:+--only $TUNE_ONLY} --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -n 25 ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac

@@ -67,11 +67,11 @@ def test_the_trainer_records_the_models_identity_and_resume_refuses_another_mode
     chunks = torch.randint(3, 128, (2, 96), generator=torch.Generator().manual_seed(0))
     config = TrainConfig(bits=32, width=8, steps=2, dense_layers=(0,), min_tokens=4, sink=1, window=2)
     model = tiny_model(layers=3)
-    out = train_hasher(model, chunks, tmp_path / "h.safetensors", cache_dir=tmp_path / "cache", device="cpu",
+    out = train_hasher(model, chunks, tmp_path / "h.safetensors", device="cpu",
                        progress=False, config=config)
     assert read_header(out)["identity"] == model_identity(model)
     with pytest.raises(CheckpointError, match="another model of this geometry"):
-        train_hasher(tiny_model(layers=3, seed=5), chunks, out, cache_dir=tmp_path / "cache", device="cpu",
+        train_hasher(tiny_model(layers=3, seed=5), chunks, out, device="cpu",
                      progress=False, config=config)
 
 

@@ -1,7 +1,9 @@
-"""Hash training: ranking loss, pair sampling, recording, trainer (resume, refusal), data splits, metrics."""
+"""Hash training: ranking loss, pair sampling, recording, the streaming trainer (resume, refusal, data
+parallelism), data splits, metrics."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,10 @@ from spotlight_attn.errors import CheckpointError, SpotlightError
 from spotlight_attn.hashing import LinearHasher, MLPHasher, load_hasher, read_header
 from spotlight_attn.metrics import layer_quality
 from spotlight_attn.models import ModelGeometry
-from spotlight_attn.train.loss import pair_loss
+from spotlight_attn.train.loss import budget_tokens, pair_loss
 from spotlight_attn.train import PairSampling, TrainConfig, load_layer, ranking_loss, record_qk, sample_pairs, train_hasher
+from spotlight_attn.train.state import state_path
+from spotlight_attn.train.trainer import batch_plan, first_step
 
 GEOMETRY = ModelGeometry("llama", num_layers=3, num_q_heads=6, num_kv_heads=2, head_dim=16, rope_theta=1e4, max_positions=1024)
 SMALL = PairSampling(num_queries=24, num_top=8, num_other=12, num_hard=6, min_position=16)
@@ -108,54 +112,146 @@ def test_record_matches_layers(tmp_path):
     assert (folder / "chunk00000.safetensors").stat().st_mtime_ns == mtime
 
 
-def _train(tmp_path, out, **kw):
-    model = tiny_model(layers=4)
-    return train_hasher(model, _tiny_chunks(), out, cache_dir=tmp_path / "cache", device="cpu", progress=False, config=_config(**kw))
+def _train(tmp_path, out, model=None, **kw):
+    """Stream-train the tiny 4-layer model (layers 1-3 sparse) on 3 chunks; kw: TrainConfig fields or train_hasher's."""
+    run = {k: kw.pop(k) for k in ("checkpoint_every", "on_batch_done", "layers", "progress") if k in kw}
+    run.setdefault("progress", False)
+    return train_hasher(model or tiny_model(layers=4), _tiny_chunks(), out, device="cpu", config=_config(**kw), **run)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
 
 
 def test_end_to_end_tiny(tmp_path):
-    out = _train(tmp_path, tmp_path / "h.safetensors")
-    header = read_header(out)
-    assert header["training"]["finished_layers"] == [1, 2, 3]
+    seen, model = [], tiny_model(layers=4)
+    out = _train(tmp_path, tmp_path / "h.safetensors", model=model, progress=seen.append)
+    assert getattr(model, "spotlight", None) is None  # training leaves the model as it found it
+    header = read_header(out)["training"]
+    assert header["finished_layers"] == [1, 2, 3] and (header["batches_done"], header["batches"]) == (3, 3)
     hasher = load_hasher(out, tiny_model(layers=4))
     assert hasher.layers == (1, 2, 3) and hasher.bits == 32
     logs = sorted((tmp_path / "h.logs").glob("layer*.jsonl"))
     assert [p.name for p in logs] == ["layer001.jsonl", "layer002.jsonl", "layer003.jsonl"]
+    assert [p.batches_done for p in seen] == [1, 2, 3] and seen[-1].tokens == 3 * 96 and seen[-1].eta_s == 0
+    # streaming: nothing but the hasher and its logs is left on disk (the state file goes once the run is complete)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.logs", "h.safetensors"]
 
 
-def test_resume_after_kill_is_identical(tmp_path):
-    full = _train(tmp_path, tmp_path / "full.safetensors")
+def test_batch_plan_spreads_the_steps_over_every_batch():
+    config = _config(steps=10, batch_chunks=2, epochs=3)
+    plan = batch_plan(5, config)
+    assert len(plan) == 6 and all(len(b) == 2 for b in plan)  # 2 full batches a pass; the fifth chunk sits out
+    for epoch in range(3):
+        assert len(set(plan[2 * epoch] + plan[2 * epoch + 1])) == 4
+    assert plan[:2] != plan[2:4] or plan[2:4] != plan[4:]  # each pass in its own order
+    counts = [first_step(i + 1, 6, 10) - first_step(i, 6, 10) for i in range(6)]
+    assert sum(counts) == 10 and min(counts) >= 1 and max(counts) - min(counts) <= 1
+    with pytest.raises(SpotlightError, match="fewer than the 6 batches"):
+        batch_plan(5, _config(steps=5, batch_chunks=2, epochs=3))
+    with pytest.raises(SpotlightError, match="more than the 5 training chunks"):
+        batch_plan(5, _config(batch_chunks=6))
 
-    class Killed(Exception):
-        pass
 
-    def kill_after_first(layer):
-        raise Killed
+def test_budget_tokens_matches_tokens_for():
+    n = torch.arange(1, 3000)
+    for budget in (Budget(0.02), Budget(0.1, 4, 1, 2), Budget(0.333, 0, 0, 0), Budget(37, 20, 4, 16), Budget(1.0)):
+        assert budget_tokens(budget, n).tolist() == [budget.tokens_for(int(i)) for i in n]
 
-    model = tiny_model(layers=4)
+
+def test_same_seed_same_hasher_and_batches_of_two(tmp_path):
+    a = _train(tmp_path, tmp_path / "a.safetensors", steps=4, batch_chunks=2)
+    b = _train(tmp_path, tmp_path / "b.safetensors", steps=4, batch_chunks=2)
+    assert _same_file(a, b)
+    c = _train(tmp_path, tmp_path / "c.safetensors", steps=4, batch_chunks=2, seed=1)
+    assert not _same_file(a, c)
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(n):
+    def check(batches_done):
+        if batches_done == n:
+            raise Killed
+
+    return check
+
+
+@pytest.mark.parametrize("every, kill_after", [(1, 1), (2, 3)])
+def test_resume_after_kill_is_identical(tmp_path, every, kill_after):
+    """A run killed after `kill_after` batches (checkpoints every `every`) resumes from its last checkpoint
+    and ends bit for bit where an uninterrupted run ends; its logs hold each step once."""
+    kw = dict(steps=9, epochs=2, checkpoint_every=every)
+    full = _train(tmp_path, tmp_path / "full.safetensors", **kw)
     out = tmp_path / "resumed.safetensors"
     with pytest.raises(Killed):
-        train_hasher(model, _tiny_chunks(), out, cache_dir=tmp_path / "cache", device="cpu", progress=False,
-                     config=_config(), on_layer_done=kill_after_first)
-    assert read_header(out)["training"]["finished_layers"] == [1]
-    _train(tmp_path, out)
-    a, b = load_file(str(full)), load_file(str(out))
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        _train(tmp_path, out, on_batch_done=_kill_after(kill_after), **kw)
+    header = read_header(out)["training"]
+    assert header["batches_done"] == kill_after // every * every and header["finished_layers"] == []
+    assert state_path(out).exists()
+    load_hasher(out, tiny_model(layers=4))  # a mid-run checkpoint is a usable hasher
+    _train(tmp_path, out, **kw)
+    assert _same_file(full, out) and not state_path(out).exists()
+    lines = (tmp_path / "resumed.logs" / "layer002.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
 
 
 def test_resume_refuses_other_settings_and_corrupt(tmp_path):
     out = _train(tmp_path, tmp_path / "h.safetensors")
+    before = out.read_bytes()
     with pytest.raises(CheckpointError, match="steps"):
         _train(tmp_path, out, steps=5)
+    with pytest.raises(CheckpointError, match="batch_chunks"):
+        _train(tmp_path, out, steps=4, batch_chunks=3)
+    with pytest.raises(CheckpointError, match="layers"):
+        _train(tmp_path, out, layers=[2])
+    assert out.read_bytes() == before  # refused, never overwritten
+    _train(tmp_path, out)  # the same settings: complete, nothing to do
+    assert out.read_bytes() == before
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(out.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="cannot resume"):
         _train(tmp_path, bad)
+    partial = tmp_path / "partial.safetensors"
+    with pytest.raises(Killed):
+        _train(tmp_path, partial, checkpoint_every=1, on_batch_done=_kill_after(1))
+    state_path(partial).write_bytes(b"not a state file")
+    with pytest.raises(CheckpointError, match="cannot resume.*not a readable"):
+        _train(tmp_path, partial)
+    state_path(partial).unlink()
+    with pytest.raises(CheckpointError, match="training state .* is missing"):
+        _train(tmp_path, partial)
     other = tmp_path / "other.safetensors"
-    model5 = tiny_model(layers=5)
-    train_hasher(model5, _tiny_chunks(), other, cache_dir=tmp_path / "cache", device="cpu", progress=False, config=_config())
+    train_hasher(tiny_model(layers=5), _tiny_chunks(), other, device="cpu", progress=False, config=_config())
     with pytest.raises(SpotlightError, match="num_layers"):
         _train(tmp_path, other)
+
+
+def test_train_a_subset_of_layers(tmp_path):
+    """`layers` trains only those hashes; the others stay at their seeded initial weights."""
+    out = _train(tmp_path, tmp_path / "h.safetensors", layers=[2])
+    trained, untouched = load_file(str(out)), MLPHasher(ModelGeometry.from_model(tiny_model(layers=4)), _config().hasher_config, layers=[1, 2, 3]).state_dict()
+    assert not torch.equal(trained["banks.k2.proj"], untouched["banks.k2.proj"])
+    assert torch.equal(trained["banks.k1.proj"], untouched["banks.k1.proj"]) and torch.equal(trained["banks.k3.w1"], untouched["banks.k3.w1"])
+    assert read_header(out)["training"]["finished_layers"] == [2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_on_cuda_bf16_model(tmp_path):
+    """On CUDA: the frozen model in bfloat16, the hash in float32, pairs drawn on the device; resume works there too."""
+    model = tiny_model(layers=4).to("cuda", torch.bfloat16)
+    out = tmp_path / "h.safetensors"
+    with pytest.raises(Killed):
+        train_hasher(model, _tiny_chunks(), out, device="cuda", progress=False, config=_config(steps=6), checkpoint_every=1,
+                     on_batch_done=_kill_after(2))
+    train_hasher(model, _tiny_chunks(), out, device="cuda", progress=False, config=_config(steps=6))
+    hasher = load_hasher(out, model)
+    assert hasher.banks["k1"].proj.dtype == torch.float32 and read_header(out)["training"]["finished_layers"] == [1, 2, 3]
 
 
 def test_metrics_oracle_and_full_budget():
@@ -203,12 +299,14 @@ def test_sampling_at_given_positions_and_hard_top():
 
 
 class _WordTokenizer:
-    """Word "d7" -> token 9: every document's tokens are its own."""
+    """Word "d7" -> token 9: every document's tokens are its own. Takes one text or a list, as HF tokenizers do."""
 
     eos_token_id = 1
 
     def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [int(w[1:]) + 2 for w in text.split()]}
+        if isinstance(text, str):
+            return {"input_ids": [int(w[1:]) + 2 for w in text.split()]}
+        return {"input_ids": [self(t)["input_ids"] for t in text]}
 
 
 def test_data_splits_never_overlap(tmp_path):
@@ -240,29 +338,38 @@ def test_pydocs_corpus_is_offline_prose():
     assert sum(len(text) for _, text in docs) > 200_000  # enough for several 4096-token chunks
 
 
-def _layer_parallel_worker(rank: int, world: int, init_file: str, tmp: str):
+def _data_parallel_worker(rank: int, world: int, init_file: str, tmp: str):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = tiny_model(layers=4)
-        train_hasher(model, _tiny_chunks(), Path(tmp) / "parallel.safetensors", cache_dir=Path(tmp) / "cache",
-                     device="cpu", progress=False, config=_config())
+        with pytest.raises(SpotlightError, match="multiple of the 2 ranks"):
+            _train(Path(tmp), Path(tmp) / "odd.safetensors", batch_chunks=1)
+        _train(Path(tmp), Path(tmp) / "parallel.safetensors", steps=6, batch_chunks=2, epochs=2, checkpoint_every=1)
     finally:
         dist.destroy_process_group()
 
 
-def test_layer_parallel_gloo_matches_single_process(tmp_path):
-    """torchrun-style layer parallelism (2 ranks, gloo): rank 0's merged file equals a one-process run."""
+def test_data_parallel_gloo_matches_single_process(tmp_path):
+    """torchrun-style data parallelism (2 gloo ranks, one chunk of each 2-chunk batch each, gradients
+    all-reduced): rank 0's file loads and matches a one-process run on the same batches. The ranks
+    forward one chunk where the single process forwards two, so q/k (and from there the weights) may
+    differ in the last float32 bits: allowed 1e-5 absolute, against training moves of ~4e-3 from the
+    initial weights here (ranks that skip the all-reduce end ~7e-3 off; measured
+    bit-equal on the 2-core development machine)."""
     import torch.multiprocessing as mp
 
-    single = _train(tmp_path, tmp_path / "single.safetensors")
-    mp.spawn(_layer_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single = _train(tmp_path, tmp_path / "single.safetensors", steps=6, batch_chunks=2, epochs=2)
+    mp.spawn(_data_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     merged = tmp_path / "parallel.safetensors"
-    assert read_header(merged)["training"]["finished_layers"] == [1, 2, 3]
+    header = read_header(merged)["training"]
+    assert header["finished_layers"] == [1, 2, 3] and header["world"] == 2
+    load_hasher(merged, tiny_model(layers=4))
     a, b = load_file(str(single)), load_file(str(merged))
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -294,7 +401,7 @@ def test_plot_png_writes_an_image(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_cli_two_ranks_real_model(tmp_path):
-    """`torchrun --nproc_per_node 2 ... spotlight train` (gloo on the CPU): ranks split the layers, rank 0 merges."""
+    """`torchrun --nproc_per_node 2 ... spotlight train` (gloo on the CPU): data parallel, rank 0 writes the hasher."""
     import os
     import subprocess
     import sys
@@ -304,12 +411,13 @@ def test_torchrun_cli_two_ranks_real_model(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "spotlight_attn.cli.main", "train", "--model", "smollm2-135m", "--data", "licenses", "--out", str(out),
            "--steps", "2", "--chunks", "2", "--chunk-len", "256", "--queries", "16", "--device", "cpu", "--threads", "1",
-           "--cache-dir", str(tmp_path / "c")]
+           "--checkpoint-every", "1"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     header = read_header(out)
-    assert header["training"]["finished_layers"] == list(range(2, 30))
-    assert (tmp_path / "h.safetensors.rank0").exists() and (tmp_path / "h.safetensors.rank1").exists()
+    assert header["training"]["finished_layers"] == list(range(2, 30)) and header["training"]["world"] == 2
+    assert header["training"]["config"]["batch_chunks"] == 2  # one chunk per rank by default
+    assert "batch 1/1" in done.stderr  # progress, printed by the CLI on rank 0
 
 
 def test_chunks_fingerprint_sees_the_shape():
@@ -367,3 +475,12 @@ def test_real_query_scores_against_brute_force():
             assert scores[0, h, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-4)
     picked = RealQuerySelector(hasher, Method.LINEAR).select(query, layer, Budget(1.0, 0, 0, 0), 16**-0.5)
     assert sorted(picked[0, 0].tolist()) == list(range(13))
+
+
+def test_train_hasher_refuses_a_config_and_loose_fields_together(tmp_path):
+    from spotlight_attn.config import TrainConfig
+
+    with pytest.raises(SpotlightError, match="either config or TrainConfig fields.*cache_dir"):
+        train_hasher(tiny_model(layers=3), torch.zeros(2, 16, dtype=torch.long), tmp_path / "h.safetensors", device="cpu",
+                     config=TrainConfig(), cache_dir=tmp_path)
+    assert not (tmp_path / "h.safetensors").exists()

@@ -201,7 +201,9 @@ class TrainConfig:
     sink: int = 4
     window: int = 16
     dense_layers: tuple[int, ...] = (0, 1)
-    steps: int = 300  # optimiser steps per layer, one recorded chunk each
+    steps: int = 300  # optimiser steps per layer in all, spread evenly over the batches (at least one each)
+    batch_chunks: int = 1  # chunks per frozen forward and optimiser step (under torchrun: split over the ranks)
+    epochs: int = 1  # passes over the chunks, each in a fresh seeded order
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.1
@@ -215,8 +217,10 @@ class TrainConfig:
             self.sampling = PairSampling(**self.sampling)
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
         self.betas = tuple(float(b) for b in self.betas)
-        if self.steps < 1:
-            raise SpotlightError(f"steps must be >= 1, got {self.steps}")
+        for name in ("steps", "batch_chunks", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpotlightError(f"{name} must be an int >= 1, got {value!r}")
         self.hasher_config  # validates bits / placement / depth / width
         self.budget_spec  # validates the budget
 

@@ -42,10 +42,22 @@ def group_probs(queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tens
 
 def _sample(member: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """member [..., L] bool -> (indices [..., n] int64, ok [..., n] bool): up to n members, uniformly without replacement."""
-    # Drawn on the generator's device (the CPU) and moved: the same seed gives the same pairs on any device.
+    # Drawn on the generator's device: a CPU generator gives the same pairs on any device; a generator
+    # on the tensors' GPU avoids drawing [Hkv, Nq, L] numbers on the host every step (the trainer's choice).
     u = torch.rand(member.shape, generator=generator, device=generator.device).to(member.device).masked_fill(~member, -1.0)
     picked = u.topk(min(n, u.shape[-1]), dim=-1)
     return picked.indices, picked.values >= 0
+
+
+def budget_tokens(budget: Budget, n_valid: torch.Tensor) -> torch.Tensor:
+    """Budget.tokens_for on a tensor: n_valid [...] int64 -> tokens read [...] int64, on n_valid's device
+    (no host round trip per training step). The same float64 arithmetic as tokens_for."""
+    if budget.is_fraction:
+        wanted = torch.ceil(n_valid.to(torch.float64) * budget.amount - 1e-9).to(torch.int64)
+    else:
+        wanted = torch.full_like(n_valid, int(budget.amount))
+    wanted = torch.maximum(wanted, n_valid.clamp(max=budget.sink + budget.window)).clamp(min=budget.min_tokens)
+    return torch.minimum(wanted, n_valid)
 
 
 @dataclass
@@ -71,13 +83,13 @@ def sample_pairs(
     if positions is None:
         low = min(sampling.min_position, length - 1)
         count = min(sampling.num_queries, length - low)
-        positions = low + torch.randperm(length - low, generator=generator)[:count].sort().values  # [Nq]
+        positions = low + torch.randperm(length - low, generator=generator, device=generator.device)[:count].sort().values  # [Nq]
     positions = positions.to(keys.device)
     p = group_probs(queries[:, positions], keys, positions, scaling)  # [Hkv, Nq, L]
 
     valid = torch.arange(length, device=keys.device)[None, :] <= positions[:, None]  # [Nq, L]
     forced = forced_mask(valid, budget.sink, budget.window)  # [Nq, L]
-    k_rows = torch.tensor([budget.tokens_for(int(s) + 1) for s in positions.tolist()], device=keys.device)  # [Nq]
+    k_rows = budget_tokens(budget, positions + 1)  # [Nq]
     candidate = valid if sampling.include_forced else valid & ~forced
     n_top = k_rows if sampling.include_forced else k_rows - forced.sum(-1)  # [Nq]
     n_top = n_top.clamp(min=0)[None, :, None]  # [1, Nq, 1]

@@ -2,15 +2,16 @@
 
 Recording goes through the library's own attention path: `enable(model, None, dense)` (or the
 setting already installed) plus the `recorder` hook, called on every attention call with
-query [B, Hq, S, D] and key [B, Hkv, T, D] after RoPE. No model code is copied.
+query [B, Hq, S, D] and key [B, Hkv, T, D] after RoPE. No model code is copied. `recording()`
+installs a hook for the length of a `with` block; the streaming trainer (trainer.py) trains each
+layer inside its hook, so nothing is kept.
 
-Memory: spill to disk, one shard per chunk. A forward pass yields every layer at once, and it is
-the expensive part, so one pass per chunk fills all layers; training then needs one layer at a
-time. So each chunk's q/k (all layers, float16) go to `chunk{n:05d}.safetensors`, and
-`load_layer` memory-maps the shards and reads only that layer's tensors. Peak memory is one
-chunk of all layers while recording, and one layer of all chunks while training
-(SmolLM2-135M, 2K tokens: 95 MB a chunk; 2.4 MB of q + 0.8 MB of k a layer a chunk).
-Shards already present with the right fingerprint are reused, so an interrupted recording resumes.
+`record_qk` spills to disk for the evaluation (metrics.evaluate_retrieval), which scores one layer
+at a time over every chunk, against several selectors: each chunk's q/k (all layers, float16) go
+to `chunk{n:05d}.safetensors`, and `load_layer` reads only one layer's tensors back. Peak memory is
+one chunk of all layers while recording (SmolLM2-135M, 2K tokens: 95 MB a chunk), one layer of all
+chunks after. Shards already present with the right fingerprint are reused, so an interrupted
+recording resumes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,54 +58,58 @@ def _shard_ok(path: Path, meta: dict) -> bool:
         return False
 
 
-def record_qk(
-    model, chunks: torch.Tensor, folder: str | os.PathLike, dtype: torch.dtype = torch.float16, progress: bool = True,
-    indices: list[int] | None = None,
-) -> Path:
+@contextmanager
+def recording(model, recorder: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], None]):
+    """Within the block, every attention call of `model` first calls recorder(layer_idx, query
+    [B, Hq, S, D], key [B, Hkv, T, D], attention_mask) with post-RoPE tensors. Installs dense
+    attention if nothing is installed, and leaves the model as it found it."""
+    from spotlight_attn.attention import disable, enable
+
+    installed_before = getattr(model, "spotlight", None)
+    if installed_before is None:
+        enable(model, None, SpotlightConfig(method="dense"))
+    previous_recorder = model.spotlight.recorder
+    model.spotlight.recorder = recorder
+    try:
+        yield
+    finally:
+        model.spotlight.recorder = previous_recorder
+        if installed_before is None:
+            disable(model)
+
+
+def record_qk(model, chunks: torch.Tensor, folder: str | os.PathLike, dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
     """Run `model` over chunks [N, L] int64 and write one q/k shard per chunk under `folder`.
 
     Shard n holds, for every layer l, `q{l}` [Hq, L, D] and `k{l}` [Hkv, L, D] in `dtype`.
     Returns the folder. Shards that already match (same chunk tokens, same model) are kept.
-    `indices` limits the work to those chunks (layer-parallel ranks record a share each).
     """
-    from spotlight_attn.attention import disable, enable
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     model_id = model_fingerprint(model)
     todo = []
-    for n in range(chunks.shape[0]) if indices is None else indices:
+    for n in range(chunks.shape[0]):
         meta = {"model": model_id, "chunk": chunks_fingerprint(chunks[n : n + 1]), "dtype": str(dtype)}
         if not _shard_ok(_shard_path(folder, n), meta):
             todo.append((n, meta))
     if not todo:
         return folder
-
-    installed_before = getattr(model, "spotlight", None)
-    if installed_before is None:
-        enable(model, None, SpotlightConfig(method="dense"))
     captured: dict[str, torch.Tensor] = {}
 
     def recorder(layer_idx, query, key, attention_mask):
         captured[f"q{layer_idx}"] = query[0].detach().to("cpu", dtype).contiguous()  # [Hq, L, D]
         captured[f"k{layer_idx}"] = key[0].detach().to("cpu", dtype).contiguous()  # [Hkv, L, D]
 
-    previous_recorder = model.spotlight.recorder
-    model.spotlight.recorder = recorder
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
+    with recording(model, recorder):
         for n, meta in tqdm(todo, desc="record q/k", unit="chunk", disable=not progress):
             captured.clear()
             with torch.no_grad():
                 model(input_ids=chunks[n : n + 1].to(device), use_cache=False, logits_to_keep=1)
             tensors = dict(captured)
             atomic_write(_shard_path(folder, n), lambda tmp: save_file(tensors, tmp, metadata=meta))
-    finally:
-        model.spotlight.recorder = previous_recorder
-        if installed_before is None:
-            disable(model)
     return folder
 
 
