@@ -6,6 +6,7 @@
     spotlight eval retrieval|ppl|needle|fidelity [--methods dense,oracle,spotlight,...] [--budgets 0.1,0.02]
     spotlight report results/ppl.json ...
     spotlight bench retrieval|attention|decode (GPU)
+    spotlight data list|pack|show (corpora, and packed token files for machines without them)
 
 The completion goes to stdout and one summary line to stderr, so the text pipes cleanly.
 Bad input (a `SpotlightError`, or a file that cannot be read) ends with one line
@@ -102,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="(default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
 
-    from spotlight_attn.cli import bench_cmd, eval_cmd, train_cmd
+    from spotlight_attn.cli import bench_cmd, data_cmd, eval_cmd, train_cmd
 
     train_cmd.add_parser(commands)
     eval_cmd.add_parser(commands, parents=[verbose])
     bench_cmd.add_parser(commands)
+    data_cmd.add_parser(commands, parents=[verbose])
     return parser
 
 
