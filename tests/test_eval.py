@@ -164,8 +164,11 @@ def test_eval_cli_writes_results_table_and_plots_then_report_redraws(tmp_path, t
     png = out.with_name("ppl.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     png.unlink()
-    assert main(["report", str(out)]) == 0
+    assert main(["report", str(out), "--summary", str(tmp_path / "summary.json"), "--domain", "cats"]) == 0
     assert png.is_file() and "| linear32 | 20% |" in capsys.readouterr().out
+    summary = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert summary.keys() == {"dense", "oracle", "linear32"} and summary["linear32"]["bits"] == 32
+    assert summary["oracle"]["domain"] == "cats" and summary["oracle"]["ppl_vs_dense_lo"] <= summary["oracle"]["ppl_vs_dense"]
 
 
 def test_eval_cli_refuses_bad_input_without_touching_results(tmp_path, tiny_dir, capsys):
@@ -292,3 +295,41 @@ def test_evaluations_write_per_unit_figures_and_intervals_and_old_files_still_re
             for key in [k for k in r if k.endswith(("_lo", "_hi")) or k.startswith("chunk_")]:
                 del r[key]
         assert " [" not in markdown(old).split("\n\n")[-2]
+
+
+def test_quality_summary_merges_the_kinds_per_domain_and_keeps_other_domains(tmp_path):
+    from spotlight_attn.eval.stats import summarize
+    from spotlight_attn.eval.summary import quality_summary, write_summary
+
+    meta = {"model": "tiny", "data": "kjv", "settings": {"kinds": ["passkey"], "lengths": [100]},
+            "hashers": {"h.safetensors": "ab" * 32}, "hasher_bits": {"h.safetensors": 128}}
+    retrieval = {"kind": "retrieval", "meta": dict(meta), "rows": [
+        {"context": c, "method": "spotlight", "budget": 0.1, "iou": 0.5, "mass": 0.9, "chunk_iou": [0.5, 0.5],
+         "chunk_mass": [0.88, 0.92]} for c in (512, 1024)]}
+    tokens = [40, 40, 40]
+    ppl = summarize({"kind": "ppl", "meta": dict(meta), "rows": [
+        {"method": "dense", "budget": None, "ppl": math.exp(1.0), "chunk_nll": [40.0, 40.0, 40.0], "chunk_tokens": tokens},
+        {"method": "linear1024", "budget": 0.1, "ppl": math.exp(1.1), "chunk_nll": [44.0, 44.0, 44.0], "chunk_tokens": tokens}]})
+    needle = summarize({"kind": "needle", "meta": dict(meta, data="generated (tasks.py)"), "rows": [
+        {"kind": "passkey", "length": 100, "depth": 0.5, "seed": s, "method": m, "budget": b, "score": float(m == "dense" or s < 3)}
+        for s in range(4) for m, b in (("dense", None), ("spotlight", 0.1))]})
+    rows = quality_summary([retrieval, ppl, needle], domain="kjv")
+    by = {(r["method"], r["budget"]): r for r in rows}
+    learned = by["spotlight", 0.1]
+    assert learned["domain"] == "kjv" and learned["bits"] == 128 and learned["hasher_sha256"] == "ab" * 32
+    assert learned["mass"] == pytest.approx(0.9) and learned["mass_lo"] < 0.9 < learned["mass_hi"]
+    assert learned["needle_acc"] == 0.75 and learned["ppl_vs_dense"] is None  # no ppl row for it: None, not 0
+    simhash = by["linear1024", 0.1]
+    assert simhash["bits"] == 1024 and simhash["hasher_sha256"] is None
+    assert simhash["ppl_vs_dense"] == pytest.approx(math.exp(0.1) - 1) == pytest.approx(simhash["ppl_vs_dense_hi"])
+    assert by["dense", None]["ppl_vs_dense"] == 0.0 and by["dense", None]["needle_acc"] == 1.0
+    out = tmp_path / "quality_summary.json"
+    write_summary(out, rows)
+    write_summary(out, quality_summary([ppl], domain="stdlib"))  # another domain: added, kjv kept
+    write_summary(out, quality_summary([ppl], domain="kjv"))  # kjv again: its rows replaced
+    saved = json.loads(out.read_text())
+    assert {r["domain"] for r in saved} == {"kjv", "stdlib"} and len([r for r in saved if r["domain"] == "kjv"]) == 2
+    out.write_text("not json")
+    with pytest.raises(SpotlightError, match="not a quality summary"):
+        write_summary(out, rows)
+    assert out.read_text() == "not json"  # refused, not overwritten

@@ -94,6 +94,10 @@ def add_parser(subparsers, parents=()) -> None:
                                    description="Print each results file's markdown table and draw its plots.")
     report.add_argument("files", nargs="+", type=Path, metavar="RESULTS.json")
     report.add_argument("--out", type=Path, help="folder for the plots (default: beside each file)")
+    report.add_argument("--summary", type=Path, metavar="SUMMARY.json",
+                        help="also write one row per (domain, method, budget) of these files into SUMMARY.json "
+                             "(mass, ppl_vs_dense, needle_acc with 95%% bounds; rows of other domains there are kept)")
+    report.add_argument("--domain", help="the domain of every file given (default: each file's data spec)")
     report.set_defaults(run=run_report)
 
 
@@ -186,6 +190,7 @@ def run_eval(args) -> int:
         results["meta"]["split"] = split
     results["meta"]["seconds"] = time.perf_counter() - started
     results["meta"]["hashers"] = methods.hasher_digests()
+    results["meta"]["hasher_bits"] = methods.hasher_bits()
     path = common.write_results(results, args.out)
     plots = report.plot(results, path.parent, path.stem)
     print(report.markdown(results))
@@ -194,10 +199,16 @@ def run_eval(args) -> int:
 
 
 def run_report(args) -> int:
-    from spotlight_attn.eval import common, report
+    from spotlight_attn.eval import common, report, summary
 
+    every = []
     for path in args.files:
         results = common.read_results(path)
+        every.append(results)
         plots = report.plot(results, args.out or path.parent, path.stem)
         print(f"## {results['kind']}: {path}\n\n{report.markdown(results)}\n\nplots: " + ", ".join(str(p) for p in plots) + "\n")
+    if args.summary is not None:
+        rows = summary.quality_summary(every, args.domain)
+        summary.write_summary(args.summary, rows)
+        print(f"wrote {len(rows)} rows to {args.summary}")
     return 0

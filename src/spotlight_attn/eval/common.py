@@ -150,6 +150,10 @@ class Methods:
         enable(self.model, hasher, spec.config(self.base, budget if budget is not None else 1.0))
         return self.model.spotlight
 
+    def hasher_bits(self) -> dict[str, int]:
+        """{file: code width} of every learned hasher used so far, for the results' meta."""
+        return {path: int(hasher.bits) for path, hasher in self._hashers.items()}
+
     def hasher_digests(self) -> dict[str, str]:
         """{file: sha256} of every learned hasher used so far, for the results' meta."""
         import hashlib
