@@ -43,7 +43,7 @@ from spotlight_attn.hashing.checkpoint import check_geometry
 from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
 from spotlight_attn.kernels.dense import causal_mask
 from spotlight_attn.kernels.sparse_decode import sparse_decode
-from spotlight_attn.models import ModelGeometry
+from spotlight_attn.models import ModelGeometry, tensor_parallel
 from spotlight_attn.selection.topk import select_topk, selected_mask
 from spotlight_attn.selection.selectors import (
     DenseSelector,
@@ -340,6 +340,16 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
     if getattr(model, "spotlight", None) is not None:
         disable(model)
     device = next(model.parameters()).device
+    rank, world = tensor_parallel(model)
+    if world > 1:  # each rank hashes, stores codes for and selects over its own KV heads
+        local = geometry.shard(world)
+        if hasher is None and config.method is Method.LINEAR:  # the one-process projections, then this rank's share
+            hasher = LinearHasher(geometry, bits=config.bits, seed=config.seed,
+                                  layers=[i for i in range(geometry.num_layers) if i not in config.dense_layers])
+        if hasher is not None:
+            check_geometry(hasher.geometry.to_dict(), geometry, "the hasher")
+            hasher = hasher.shard(rank, world)
+        geometry = local
     selector = make_selector(config, hasher, geometry, device)
     previous = model.config._attn_implementation
     decoder = _decoder(model)

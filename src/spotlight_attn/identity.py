@@ -51,7 +51,10 @@ def model_identity(model) -> dict | None:
         return None
     sample = []
     for weight in weights.values():
-        flat = weight.detach().reshape(-1)
+        weight = weight.detach()
+        if hasattr(weight, "full_tensor"):  # a tensor-parallel shard (DTensor): fingerprint the whole weight (every rank calls this)
+            weight = weight.full_tensor()
+        flat = weight.reshape(-1)
         positions = torch.linspace(0, flat.numel() - 1, SAMPLES, device=flat.device).round().long()
         sample += [float(f"{v:.7g}") for v in flat[positions].float().cpu().tolist()]
     return {"tensors": list(weights), "sample": sample, "digest": _digest(sample)}

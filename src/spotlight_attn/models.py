@@ -97,6 +97,41 @@ class ModelGeometry:
     def from_model(cls, model) -> ModelGeometry:
         return cls.from_config(model.config)
 
+    def shard(self, world: int) -> ModelGeometry:
+        """The heads one of `world` tensor-parallel ranks holds (each rank a contiguous share of the
+        KV heads and of their query heads); refuses a head count that does not divide by `world`."""
+        if world == 1:
+            return self
+        for name in ("num_q_heads", "num_kv_heads"):
+            if getattr(self, name) % world:
+                raise UnsupportedModelError(
+                    f"{name} ({getattr(self, name)}) does not divide by the tensor-parallel world size {world}: "
+                    "each rank must hold whole KV heads and their query heads"
+                )
+        return dataclasses.replace(self, num_q_heads=self.num_q_heads // world, num_kv_heads=self.num_kv_heads // world)
+
+
+def tensor_parallel(model) -> tuple[int, int]:
+    """(rank, world) of a model loaded with tensor parallelism (transformers' `tp_plan`), else (0, 1).
+
+    Read from the first attention layer's query projection: under TP its weight is a DTensor sharded
+    over its output features (the heads), on a one-dimensional device mesh."""
+    attention = next((m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")), None)
+    weight = getattr(getattr(attention, "q_proj", None), "weight", None)
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # a torch without DTensor cannot have loaded the model with TP
+        return 0, 1
+    if not isinstance(weight, DTensor):
+        return 0, 1
+    mesh, placements = weight.device_mesh, weight.placements
+    if mesh.ndim != 1 or placements[0] != Shard(0):
+        raise UnsupportedModelError(
+            f"tensor parallelism with the query projection placed {placements} on a {mesh.ndim}-D mesh is not supported: "
+            "spotlight shards by heads (the projections' output features) over one mesh dimension"
+        )
+    return mesh.get_local_rank(0), mesh.size(0)
+
 
 def _sliding_window_in_use(config) -> str:
     """Describe the sliding-window attention a config turns on, or return "" when it has none."""

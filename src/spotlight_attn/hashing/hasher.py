@@ -167,6 +167,28 @@ class _HasherBase(nn.Module):
             codes = _codes(self._bank("k", layer), both)
         return codes[:, :, :rows].reshape(b, hq, s, -1), codes[:, :, rows:]
 
+    def shard(self, rank: int, world: int) -> "_HasherBase":
+        """A copy holding the hashes of tensor-parallel rank `rank` of `world`: its contiguous share of
+        the KV heads (and of the query heads, for query banks), as transformers' TP plans shard the
+        projections. Codes and selection are per KV head, so a rank needs nothing of another's."""
+        import copy
+
+        local = self.geometry.shard(world)
+        shard = copy.deepcopy(self)
+        shard.geometry = local
+        for name, bank in shard.banks.items():
+            n = local.num_q_heads if name.startswith("q") else local.num_kv_heads
+            for attr, dim in (("w1", 1), ("b1", 1), ("w2", 1), ("b2", 1), ("proj", 0)):
+                tensor = getattr(bank, attr, None)
+                if tensor is None:
+                    continue
+                part = tensor.detach().narrow(dim, rank * n, n).clone()
+                if isinstance(tensor, nn.Parameter):
+                    setattr(bank, attr, nn.Parameter(part, requires_grad=tensor.requires_grad))
+                else:
+                    setattr(bank, attr, part)  # a registered buffer stays one
+        return shard
+
     def soft_keys(self, layer: int, keys: torch.Tensor, gain: float = 64.0) -> torch.Tensor:
         return soft_sign(self.hash_keys(layer, keys), gain)
 
