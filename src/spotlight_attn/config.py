@@ -178,6 +178,8 @@ class PairSampling:
     logit_scale: float = 1.0  # multiplies draft differences inside the BCE
     straight_through: bool = False  # hard sign codes forward, soft-sign gradient backward
     gain: float = 64.0  # soft sign s = g h / (1 + |g h|)
+    listwise: float = 0.0  # weight of the listwise loss (KL from the attention to the draft's softmax): 0 = pairs only, 1 = list only
+    list_scale: float = 4.0  # the draft's softmax is over list_scale * (draft standardised per query)
 
     def __post_init__(self):
         if self.num_hard > self.num_other:
@@ -186,6 +188,10 @@ class PairSampling:
             raise ValueError(f"num_hard_top ({self.num_hard_top}) must be <= num_top ({self.num_top})")
         if not 0.0 <= self.mass_weight <= 1.0:
             raise ValueError(f"mass_weight must be in [0, 1], got {self.mass_weight}")
+        if not 0.0 <= self.listwise <= 1.0:
+            raise ValueError(f"listwise must be in [0, 1], got {self.listwise}")
+        if not self.list_scale > 0:
+            raise ValueError(f"list_scale must be > 0, got {self.list_scale}")
 
 
 @dataclass(slots=True)

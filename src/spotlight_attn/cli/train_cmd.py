@@ -41,10 +41,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=32, help="true-top keys sampled per query")
     parser.add_argument("--others", type=int, default=64, help="other keys sampled per query (half near the boundary)")
     parser.add_argument("--mass-weight", type=float, default=0.5, help="0..1: weight pairs by the attention mass a swap loses")
+    parser.add_argument("--listwise", type=float, default=0.0,
+                        help="0..1: weight of the listwise loss (KL from the attention to the draft's softmax) beside the pairwise one")
+    parser.add_argument("--list-scale", type=float, default=4.0, help="sharpness of the listwise loss's softmax over the standardised draft")
     parser.add_argument("--straight-through", action="store_true", help="hard codes forward, soft gradient backward")
     parser.add_argument("--gain", type=float, default=8.0, help="soft-sign gain g in s = g h / (1 + |g h|) (8 measured better than 64)")
     parser.add_argument("--min-position", type=int, default=None,
                         help="sampled training queries see at least this many keys (default: a quarter of --chunk-len)")
+    parser.add_argument("--dense-layers", default="0,1", metavar="I,J",
+                        help="layers left without a hash (they read every key); the rest are trained (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if any)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -70,8 +75,13 @@ def run(args) -> int:
     sampling = PairSampling(
         num_queries=args.queries, num_top=args.top, num_other=args.others, num_hard=args.others // 2,
         mass_weight=args.mass_weight, straight_through=args.straight_through, gain=args.gain,
+        listwise=args.listwise, list_scale=args.list_scale,
         min_position=args.chunk_len // 4 if args.min_position is None else args.min_position,
     )
+    try:
+        dense_layers = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
+    except ValueError:
+        raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: data parallel over the chunks of each batch (see train/trainer.py)
         import torch.distributed as dist
@@ -95,7 +105,7 @@ def run(args) -> int:
             width=args.width, depth=args.depth, chunk_len=args.chunk_len, num_chunks=args.chunks, device=args.device,
             dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), seed=args.seed, sampling=sampling,
             batch_chunks=args.batch_chunks or world, epochs=args.epochs, checkpoint_every=args.checkpoint_every,
-            progress=_printer(start) if rank == 0 else False,
+            progress=_printer(start) if rank == 0 else False, dense_layers=dense_layers,
         )
     finally:
         if world > 1:

@@ -16,6 +16,11 @@ The pair tensor is Hkv x num_queries x num_top x num_other.
 Optional attention-mass weighting (`mass_weight` = lambda in [0, 1]): pair weight
 (1 - lambda) + lambda * (p_i - p_j) / mean(p_i - p_j): swapping i and j loses p_i - p_j of mass,
 so heavy keys (attention sinks) count for what they carry.
+Optional listwise term (`listwise` = w in [0, 1]; loss = (1 - w) * pairs + w * list): per (KV head,
+query), KL(p' || softmax(list_scale * z)), where p' is the group-summed attention over the
+candidate keys renormalised to 1 and z the draft standardised over the same keys (so the term does
+not depend on the draft's scale, which inference ignores). It scores every past key, not samples,
+and weighs each by the attention it carries: the objective of DeepSeek-V3.2's top-k indexer.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class PairBatch:
     other_ok: torch.Tensor  # [Hkv, Nq, num_other] bool
     probs: torch.Tensor  # [Hkv, Nq, L] group-summed attention probability
     positions: torch.Tensor  # [Nq] int64 sampled query positions
+    candidate: torch.Tensor  # [Nq, L] bool: the keys the pairs draw from (the past, less forced keys unless include_forced)
 
 
 def sample_pairs(
@@ -115,7 +121,7 @@ def sample_pairs(
     rest = is_other.clone()
     rest.scatter_(-1, hard, rest.gather(-1, hard) & ~hard_ok)
     uniform, uniform_ok = _sample(rest, sampling.num_other - sampling.num_hard, generator)
-    return PairBatch(top, top_ok, torch.cat([hard, uniform], -1), torch.cat([hard_ok, uniform_ok], -1), p, positions)
+    return PairBatch(top, top_ok, torch.cat([hard, uniform], -1), torch.cat([hard_ok, uniform_ok], -1), p, positions, candidate)
 
 
 def soft_codes(hasher, layer: int, queries: torch.Tensor, keys: torch.Tensor, sampling: PairSampling):
@@ -143,7 +149,26 @@ def ranking_loss(
     hkv = keys.shape[0]
     sq, sk = soft_codes(hasher, layer, queries[:, pairs.positions].float(), keys.float(), sampling)  # [Hq, Nq, b], [Hkv, L, b]
     sq = sq.reshape(hkv, -1, *sq.shape[1:]).sum(1)  # [Hkv, Nq, b]: summed over the GQA group
-    return pair_loss(sq @ sk.transpose(1, 2), pairs, sampling)  # draft [Hkv, Nq, L]
+    draft = sq @ sk.transpose(1, 2)  # [Hkv, Nq, L]
+    loss, misorder = pair_loss(draft, pairs, sampling)
+    if sampling.listwise > 0:
+        loss = (1 - sampling.listwise) * loss + sampling.listwise * list_loss(draft, pairs, sampling)
+    return loss, misorder
+
+
+def list_loss(draft: torch.Tensor, pairs: PairBatch, sampling: PairSampling) -> torch.Tensor:
+    """Mean over (KV head, query) of KL(p' || softmax(list_scale * z)) on the candidate keys (see the module doc)."""
+    candidate = pairs.candidate  # [Nq, L] bool
+    count = candidate.sum(-1).clamp(min=1)  # [Nq]
+    mean = (draft * candidate).sum(-1, keepdim=True) / count[:, None]
+    var = (((draft - mean) * candidate) ** 2).sum(-1, keepdim=True) / count[:, None]
+    z = (draft - mean) / (var + 1e-6).sqrt()
+    log_q = torch.log_softmax((sampling.list_scale * z).masked_fill(~candidate, -1e9), dim=-1)  # finite: no NaN in empty rows
+    p = pairs.probs * candidate
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(-1)  # [Hkv, Nq]
+    rows = candidate.any(-1).float()  # queries with at least one candidate key (no host sync)
+    return (kl * rows).sum() / (rows.sum() * kl.shape[0]).clamp(min=1)
 
 
 def pair_loss(draft: torch.Tensor, pairs: PairBatch, sampling: PairSampling) -> tuple[torch.Tensor, torch.Tensor]:
