@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Hash training at scale and the quality evaluation, on the GPU machine with the real SmolLM2-135M
 # (issue 14; docs/RESULTS.md, docs/TRAINING.md). Phases run in the order given:
-#   stash    call 1 (carry .model/a .packs/a): the GGUF's first half and the training pack to /root/xfer
+#   stash    call 1 (carry .model/a .packs/a): the GGUF's first half and half the training pack to /root/xfer
 #   probe    the streaming trainer's speed at the SmolLM2 shape (random weights), alone and 4 at once
-#   model    call 2 (carry .model/b .whl .packs/b): assemble the GGUF, install gguf, copy the eval packs to /root/packs
+#   model    call 2 (carry .model/b .whl .packs/b): assemble the GGUF, install gguf, copy the eval packs and the training pack's other half
 #   train    train the VARIANTS side by side (one process each), STEPS steps per layer, then store each in float16
 #   select   retrieval of every variant (and the shipped hasher) on held-out documents of the training sources;
 #            the best 128-bit one by mean attention mass over 10% and 2% becomes /root/hashers/best.safetensors
 #   eval     the quality suite on the held-out domains (kjv, perl-docs, elisp: never trained on), processes side by side
-# Packs (docs/CORPORA.md): .packs/a/train-mix-8k.safetensors, .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
+# Packs (docs/CORPORA.md): .packs/a/train-mix-8k.part0.safetensors, .packs/b/train-mix-8k.part1.safetensors (benchmarks/split_pack.py), .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
 # .packs/b/valid-4112.safetensors. Everything written goes to $OUT; the hashers also stay in /root/hashers
 # while the machine is warm, so call 3 (eval) must follow call 2 at once.
 set -uo pipefail
@@ -31,7 +31,7 @@ flags() {  # training flags of a variant
 }
 for phase in "$@"; do
   case $phase in
-  stash) mkdir -p /root/xfer && cp .model/a/part1 .packs/a/train-mix-8k.safetensors /root/xfer/ && ls -la /root/xfer ;;
+  stash) mkdir -p /root/xfer && cp .model/a/part1 .packs/a/train-mix-8k.part0.safetensors /root/xfer/ && ls -la /root/xfer ;;
   probe)
     { python3 benchmarks/train_throughput.py --shape smollm2-135m --batches 6 --out "$OUT/probe1" 2>&1 | tail -n 4
       for i in 1 2 3 4; do python3 benchmarks/train_throughput.py --shape smollm2-135m --batches 6 --out "$OUT/probe4_$i" > "$OUT/probe4_$i.log" 2>&1 & done; wait
@@ -42,13 +42,13 @@ for phase in "$@"; do
         cat /root/xfer/part1 .model/b/part2 > $M; }
     echo "$(cat .model/b/sha256)  $M" | sha256sum -c - || exit 4
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    mkdir -p $P && cp .packs/b/*.safetensors $P/ && ls $P ;;
+    mkdir -p $P && cp .packs/b/*.safetensors $P/ && mv $P/train-mix-8k.part1.safetensors /root/xfer/ && ls $P /root/xfer ;;
   train)
     { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
       start=$(date +%s)
       for v in $VARIANTS; do
-        sp train --model $M --data /root/xfer/train-mix-8k.safetensors --chunk-len 8192 --chunks 960 --steps "$STEPS" \
+        sp train --model $M --data /root/xfer/train-mix-8k.part0.safetensors /root/xfer/train-mix-8k.part1.safetensors --chunk-len 8192 --chunks "${CHUNKS:-481}" --steps "$STEPS" \
             --dense-layers 0 --device cuda --checkpoint-every 100 --out $H/$v.safetensors $(flags $v) > "$OUT/train_$v.log" 2>&1 &
       done
       wait

@@ -290,3 +290,20 @@ def test_cli_pack_show_and_list(tiny_dir, tmp_path, capsys):
     assert rows[0].split()[:2] == ["corpus", "documents"] and rows[2].startswith("pydocs")
     assert main(["data", "pack", "--model", str(tiny_dir), "--data", "pydocs", "--out", str(tmp_path / "x.bin")]) == 2
     assert main(["data", "list", "--only", "nope"]) == 2
+
+
+def test_packed_file_read_by_a_tokenizer_with_another_eos_id(tmp_path, caplog):
+    """Same vocabulary and tokenisation, another EOS id (transformers 5.17 and 5.24 load SmolLM2's GGUF so):
+    the ids are read as packed, with a warning naming both ids; a different vocabulary is still refused."""
+    folder = _corpus(tmp_path / "c", 0)
+    out = tmp_path / "p.safetensors"
+    data.pack_chunks([folder], tiny_tokenizer(64), 16, out)
+    packed = data.load_chunks(out, tiny_tokenizer(64), 16)
+    other = tiny_tokenizer(64)
+    other.eos_token = "<s>"
+    assert other.eos_token_id != tiny_tokenizer(64).eos_token_id
+    with caplog.at_level("WARNING", logger="spotlight_attn.data.packed"):
+        assert torch.equal(data.load_chunks(out, other, 16), packed)
+    assert "EOS id" in caplog.text
+    with pytest.raises(SpotlightError, match="tokenizer: packed"):
+        data.load_chunks(out, tiny_tokenizer(80), 16)

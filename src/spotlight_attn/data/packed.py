@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -25,17 +26,20 @@ import torch
 
 from spotlight_attn.errors import SpotlightError
 
+logger = logging.getLogger(__name__)
 FORMAT, VERSION = "spotlight-chunks", 1
 # Text whose tokenisation joins the vocabulary in the digest: it exercises the normaliser, the
 # pre-tokeniser and the merges (code, prose, digits, whitespace runs, accents, CJK, an emoji).
 PROBE = "def f(x):\n    return x ** 2  # square\n\nThe naïve café's 3.14159 × 2 — 日本語 🙂\t\tend.  "
 
 
-def tokenizer_identity(tokenizer) -> dict:
+def tokenizer_identity(tokenizer, eos_token_id: int | None = None) -> dict:
     """{name, vocab_size, eos_token_id, digest}: the digest covers the vocabulary, the eos id and the
-    ids of PROBE, so the same tokenizer matches wherever it was loaded from (the name is for messages)."""
+    ids of PROBE, so the same tokenizer matches wherever it was loaded from (the name is for messages).
+    `eos_token_id` replaces the tokenizer's own in the digest (check_header's EOS-only comparison)."""
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
-    digest.update(json.dumps([tokenizer.eos_token_id, tokenizer(PROBE, add_special_tokens=False)["input_ids"]]).encode())
+    digest.update(json.dumps([eos, tokenizer(PROBE, add_special_tokens=False)["input_ids"]]).encode())
     name = Path(str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)).name
     return {"name": name, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "digest": digest.hexdigest()[:16]}
 
@@ -82,7 +86,13 @@ def check_header(path, header: dict, tokenizer, chunk_len: int, split: str, held
     """Refuse a packed file made for another tokenizer, chunk length, split, seed or held-out fraction."""
     recorded, actual = header["tokenizer"], tokenizer_identity(tokenizer)
     problems = []
-    if recorded["digest"] != actual["digest"]:
+    if recorded["digest"] != actual["digest"] and tokenizer_identity(tokenizer, recorded["eos_token_id"])["digest"] == recorded["digest"]:
+        # Same vocabulary and tokenisation, another EOS id: transformers 5.17 loads SmolLM2's GGUF with EOS 1
+        # (<|im_start|>), 5.24 with 2 (<|im_end|>). The ids in the file mean the same tokens to the model; only
+        # the separator between documents is the packer's EOS, not this tokenizer's.
+        logger.warning("%s: packed with EOS id %s between documents, the tokenizer given has EOS id %s (same vocabulary "
+                       "and tokenisation): the ids are read as packed", path, recorded["eos_token_id"], actual["eos_token_id"])
+    elif recorded["digest"] != actual["digest"]:
         problems.append(
             f"tokenizer: packed with {recorded['name']} (vocab {recorded['vocab_size']}, digest {recorded['digest']}), "
             f"given {actual['name']} (vocab {actual['vocab_size']}, digest {actual['digest']})"
