@@ -133,6 +133,7 @@ def run_decode(args) -> int:
     import sys
 
     from spotlight_attn.bench import require_cuda
+    from spotlight_attn.cli.main import parse_layers
     from spotlight_attn.decode_bench import SHAPES, Settings, plot, rows_as_dicts, run_decode_bench
 
     shapes = _names(args.shape, SHAPES, "shape") if args.model is None else [Path(str(args.model)).stem]
@@ -140,10 +141,7 @@ def run_decode(args) -> int:
     baselines = tuple(_names(args.baselines, ("hf-static", "dense"), "baseline")) if args.baselines.strip() else ()
     contexts, batches = parse_tokens(args.context), parse_ints(args.batch, "batch")
     budgets = parse_budgets(args.budget)
-    try:
-        dense_layers = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
-    except ValueError:
-        raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
+    dense_layers = parse_layers(args.dense_layers, "--dense-layers")
     if args.steps < 2 or args.warmup < 1:
         raise SpotlightError("--steps must be >= 2 and --warmup >= 1")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:

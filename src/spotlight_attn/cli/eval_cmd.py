@@ -102,15 +102,12 @@ def add_parser(subparsers, parents=()) -> None:
 
 
 def _base_config(args):
+    from spotlight_attn.cli.main import parse_layers
     from spotlight_attn.config import SpotlightConfig
-    from spotlight_attn.errors import SpotlightError
 
     kwargs = {name: getattr(args, name) for name in ("sink", "window", "min_tokens") if getattr(args, name) is not None}
     if args.dense_layers is not None:
-        try:
-            kwargs["dense_layers"] = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
-        except ValueError:
-            raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
+        kwargs["dense_layers"] = parse_layers(args.dense_layers, "--dense-layers")
     return SpotlightConfig(**kwargs)
 
 

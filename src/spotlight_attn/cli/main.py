@@ -38,6 +38,16 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def parse_layers(text: str, flag: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1); '' -> (); raises SpotlightError naming `flag` on anything else."""
+    try:
+        return tuple(int(i) for i in text.split(",") if i.strip())
+    except ValueError:
+        raise SpotlightError(f"{flag} {text!r} is not a comma-separated list of layer indices") from None
+
+
 # The demo reads through the learned hash that ships for smollm2-135m: at budget 0.1 it answered the
 # passcode on needle seeds 0-7 (8/8, as dense did; README). `--method linear` uses 256-bit SimHash.
 DEMO_METHOD, DEMO_BITS, DEMO_BUDGET = "spotlight", 256, "0.1"
@@ -119,10 +129,7 @@ def spotlight_config(args: argparse.Namespace) -> SpotlightConfig:
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.dense_layers is not None:
-        try:
-            kwargs["dense_layers"] = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
-        except ValueError:
-            raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
+        kwargs["dense_layers"] = parse_layers(args.dense_layers, "--dense-layers")
     config = SpotlightConfig(**kwargs)
     if args.hasher is not None and not Path(args.hasher).is_file():
         raise SpotlightError(f"hasher file not found: {args.hasher}")

@@ -64,6 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     import torch
 
+    from spotlight_attn.cli.main import parse_layers
     from spotlight_attn.errors import SpotlightError
     from spotlight_attn.hashing import load_hasher
     from spotlight_attn.train import PairSampling, train_hasher
@@ -78,10 +79,7 @@ def run(args) -> int:
         listwise=args.listwise, list_scale=args.list_scale,
         min_position=args.chunk_len // 4 if args.min_position is None else args.min_position,
     )
-    try:
-        dense_layers = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
-    except ValueError:
-        raise SpotlightError(f"--dense-layers {args.dense_layers!r} is not a comma-separated list of layer indices") from None
+    dense_layers = parse_layers(args.dense_layers, "--dense-layers")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: data parallel over the chunks of each batch (see train/trainer.py)
         import torch.distributed as dist
