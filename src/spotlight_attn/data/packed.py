@@ -86,17 +86,18 @@ def check_header(path, header: dict, tokenizer, chunk_len: int, split: str, held
     """Refuse a packed file made for another tokenizer, chunk length, split, seed or held-out fraction."""
     recorded, actual = header["tokenizer"], tokenizer_identity(tokenizer)
     problems = []
-    if recorded["digest"] != actual["digest"] and tokenizer_identity(tokenizer, recorded["eos_token_id"])["digest"] == recorded["digest"]:
-        # Same vocabulary and tokenisation, another EOS id: transformers 5.17 loads SmolLM2's GGUF with EOS 1
-        # (<|im_start|>), 5.24 with 2 (<|im_end|>). The ids in the file mean the same tokens to the model; only
-        # the separator between documents is the packer's EOS, not this tokenizer's.
-        logger.warning("%s: packed with EOS id %s between documents, the tokenizer given has EOS id %s (same vocabulary "
-                       "and tokenisation): the ids are read as packed", path, recorded["eos_token_id"], actual["eos_token_id"])
-    elif recorded["digest"] != actual["digest"]:
-        problems.append(
-            f"tokenizer: packed with {recorded['name']} (vocab {recorded['vocab_size']}, digest {recorded['digest']}), "
-            f"given {actual['name']} (vocab {actual['vocab_size']}, digest {actual['digest']})"
-        )
+    if recorded["digest"] != actual["digest"]:
+        if tokenizer_identity(tokenizer, recorded["eos_token_id"])["digest"] == recorded["digest"]:
+            # Same vocabulary and tokenisation, another EOS id: transformers 5.17 loads SmolLM2's GGUF with EOS 1
+            # (<|im_start|>), 5.24 with 2 (<|im_end|>). The ids in the file mean the same tokens to the model; only
+            # the separator between documents is the packer's EOS, not this tokenizer's.
+            logger.warning("%s: packed with EOS id %s between documents, the tokenizer given has EOS id %s (same vocabulary "
+                           "and tokenisation): the ids are read as packed", path, recorded["eos_token_id"], actual["eos_token_id"])
+        else:
+            problems.append(
+                f"tokenizer: packed with {recorded['name']} (vocab {recorded['vocab_size']}, digest {recorded['digest']}), "
+                f"given {actual['name']} (vocab {actual['vocab_size']}, digest {actual['digest']})"
+            )
     for name, asked in (("chunk_len", chunk_len), ("split", split), ("seed", seed), ("heldout_fraction", heldout_fraction)):
         if header[name] != asked:
             problems.append(f"{name}: packed {header[name]!r}, asked {asked!r}")
