@@ -231,8 +231,10 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, padding_carrier)
 
 
-def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, device) -> Selector:
-    """The selector for config.method, checking that `hasher` fits it and the model."""
+def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, device, rank: int = 0, world: int = 1) -> Selector:
+    """The selector for config.method, checking that `hasher` fits it and the model (`geometry`: the
+    whole model's). Under tensor parallelism (`world` > 1) the hasher, given or built here, is checked
+    whole and then cut to rank `rank`'s share of the heads (hasher.shard)."""
     method = config.method
     needs = {Method.SPOTLIGHT: MLPHasher, Method.LINEAR: LinearHasher}
     if hasher is not None:
@@ -251,8 +253,10 @@ def make_selector(config: SpotlightConfig, hasher, geometry: ModelGeometry, devi
         missing = [i for i in sparse_layers if i not in hasher.layers]
         if missing:
             raise HasherMismatchError(f"the hasher has no hash for layers {missing}; add them to dense_layers or retrain")
-    if method is Method.LINEAR and hasher is None:
+    if method is Method.LINEAR and hasher is None:  # under TP: the one-process projections, then this rank's share
         hasher = LinearHasher(geometry, bits=config.bits, seed=config.seed, layers=sparse_layers)
+    if hasher is not None and world > 1:
+        hasher = hasher.shard(rank, world)
     if hasher is not None:
         hasher = hasher.to(device).eval().requires_grad_(False)
         return HashSelector(hasher, method, force_reference=config.force_reference)
@@ -341,16 +345,9 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
         disable(model)
     device = next(model.parameters()).device
     rank, world = tensor_parallel(model)
-    if world > 1:  # each rank hashes, stores codes for and selects over its own KV heads
-        local = geometry.shard(world)
-        if hasher is None and config.method is Method.LINEAR:  # the one-process projections, then this rank's share
-            hasher = LinearHasher(geometry, bits=config.bits, seed=config.seed,
-                                  layers=[i for i in range(geometry.num_layers) if i not in config.dense_layers])
-        if hasher is not None:
-            check_geometry(hasher.geometry.to_dict(), geometry, "the hasher")
-            hasher = hasher.shard(rank, world)
-        geometry = local
-    selector = make_selector(config, hasher, geometry, device)
+    local = geometry.shard(world)  # each rank hashes, stores codes for and selects over its own KV heads
+    selector = make_selector(config, hasher, geometry, device, rank, world)
+    geometry = local
     previous = model.config._attn_implementation
     decoder = _decoder(model)
     signature = inspect.signature(decoder.forward)
