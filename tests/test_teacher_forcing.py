@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import spotlight_attn as sa
+from spotlight_attn import attention
 from spotlight_attn.compat import cache_argument, output_cache
 from spotlight_attn.config import SpotlightConfig
 from spotlight_attn.errors import SpotlightError
@@ -31,9 +32,14 @@ def _decode_logits(model, ids, start, cache=None):
 
 @pytest.mark.parametrize("method,extra", METHODS)
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3), (6, 2)])
-def test_teacher_forcing_equals_token_by_token_decoding(make_tiny_model, method, extra, hq, hkv):
+@pytest.mark.parametrize("budget,rules,block_rows", [(0.25, (3, 1, 2), 5), (0.25, (3, 1, 2), None), (0.0, (0, 0, 0), 5)])
+def test_teacher_forcing_equals_token_by_token_decoding(make_tiny_model, monkeypatch, method, extra, hq, hkv, budget, rules, block_rows):
+    """block_rows: rows per block of the teacher-forced pass (None: all in one); a budget of 0 reads nothing."""
+    if block_rows is not None:
+        monkeypatch.setitem(attention.TEACHER_FORCED_ELEMENTS, "cpu", 2 * hq * 37 * block_rows)
     model = make_tiny_model("llama", q_heads=hq, kv_heads=hkv, layers=3)
-    config = SpotlightConfig(method=method, budget=0.25, min_tokens=3, sink=1, window=2, dense_layers=(0,), **extra)
+    min_tokens, sink, window = rules
+    config = SpotlightConfig(method=method, budget=budget, min_tokens=min_tokens, sink=sink, window=window, dense_layers=(0,), **extra)
     sa.enable(model, None, config)
     torch.manual_seed(1)
     ids = torch.randint(3, 128, (2, 37))  # odd length, batch 2

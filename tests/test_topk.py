@@ -7,7 +7,7 @@ import torch
 
 from spotlight_attn.config import Budget
 from spotlight_attn.errors import SpotlightError
-from spotlight_attn.selection.topk import select_topk
+from spotlight_attn.selection.topk import select_mask, select_topk, selected_mask
 
 
 def brute_force(scores, key_valid, budget):
@@ -53,6 +53,21 @@ def test_matches_brute_force_with_ties_and_padding(budget, length):
     key_valid[1, : length // 3] = False  # left padding
     key_valid[2, : length - 1] = False  # a single valid token
     assert torch.equal(select_topk(scores, key_valid, budget), brute_force(scores, key_valid, budget))
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=str)
+def test_mask_matches_brute_force_on_float_ties_nan_and_infinities(budget):
+    g = torch.Generator().manual_seed(7)
+    b, h, t = 4, 3, 61
+    scores = torch.randint(-2, 3, (b, h, t), generator=g).float() / 2  # float ties
+    scores[0, 0, ::5] = float("nan")  # NaN ranks last among valid keys
+    scores[1, :, 3:9] = float("-inf")
+    scores[2, 1, :] = float("nan")  # a whole head of NaN: recency alone decides
+    key_valid = torch.ones(b, t, dtype=torch.bool)
+    key_valid[3, : t - 7] = False
+    expected = brute_force(scores.nan_to_num(nan=float("-inf")), key_valid, budget)
+    assert torch.equal(select_topk(scores, key_valid, budget), expected)
+    assert torch.equal(select_mask(scores, key_valid, budget), selected_mask(expected, t))
 
 
 def test_float_scores_and_budget_sizes():

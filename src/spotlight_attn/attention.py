@@ -44,7 +44,7 @@ from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
 from spotlight_attn.kernels.dense import causal_mask
 from spotlight_attn.kernels.sparse_decode import sparse_decode
 from spotlight_attn.models import ModelGeometry, tensor_parallel
-from spotlight_attn.selection.topk import select_topk, selected_mask
+from spotlight_attn.selection.topk import select_mask
 from spotlight_attn.selection.selectors import (
     DenseSelector,
     HashSelector,
@@ -187,15 +187,22 @@ def _steps_valid(key_valid: torch.Tensor, new: int, start: int | None) -> torch.
     return seen.sum()
 
 
-def _teacher_forced_attention(installed, cache, layer, query, key, value, scaling: float, block: int = 128) -> torch.Tensor:
+# A block of rows holds at most this many [B, Hq, rows, T] mask entries: on a GPU large blocks mean few
+# launches; on a CPU, blocks past a few MB run slower (allocation and cache misses outweigh the loop).
+TEACHER_FORCED_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+
+
+def _teacher_forced_attention(installed, cache, layer, query, key, value, scaling: float) -> torch.Tensor:
     """Multi-token call under teacher_forcing(): query [B, Hq, S, D] at cache positions T-S .. T-1 -> [B, S, Hq, D].
 
     A row at a position >= installed.teacher_forced_from reads what the selector picks over its
     causal past (the same scores and top-k rules as a decode step there); earlier rows read their
-    whole causal past, as a prefill does. Rows are done `block` at a time to bound memory.
+    whole causal past, as a prefill does. Rows go in blocks of TEACHER_FORCED_ELEMENTS / (B Hq T).
     """
     b, hq, s, d = query.shape
     t = key.shape[2]
+    limit = TEACHER_FORCED_ELEMENTS.get(query.device.type, TEACHER_FORCED_ELEMENTS["cuda"])
+    block = max(1, limit // (b * hq * t))
     group = hq // key.shape[1]
     keys, values = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)  # [B, Hq, T, D]
     positions = torch.arange(t - s, t, device=query.device)
@@ -208,20 +215,19 @@ def _teacher_forced_attention(installed, cache, layer, query, key, value, scalin
         q = query[:, :, lo : lo + block]
         row_valid = valid[:, None, :] & (key_pos[None, None, :] <= pos[None, :, None])  # [B, s', T]
         allowed = row_valid[:, None].expand(-1, key.shape[1], -1, -1)  # [B, Hkv, s', T]
-        sparse = pos >= installed.teacher_forced_from  # [s']
-        if bool(sparse.any()):
+        if t - s + lo + pos.numel() - 1 >= installed.teacher_forced_from:  # some row of the block selects
+            sparse = pos >= installed.teacher_forced_from  # [s']
             scores = installed.selector.scores_rows(q, layer, scaling, row_valid)  # [B, Hkv, s', T]
             flat = scores.transpose(1, 2).flatten(0, 1)  # [B*s', Hkv, T]
-            picked = select_topk(flat, row_valid.flatten(0, 1), budget)  # [B*s', Hkv, k]
-            chosen = selected_mask(picked, t).unflatten(0, (b, pos.numel())).transpose(1, 2)  # [B, Hkv, s', T]
-            allowed = torch.where(sparse[None, None, :, None], chosen, allowed)
+            chosen = select_mask(flat, row_valid.flatten(0, 1), budget).unflatten(0, (b, pos.numel())).transpose(1, 2)
+            allowed = torch.where(sparse[None, None, :, None], chosen, allowed)  # [B, Hkv, s', T]
             cache.read = cache.read + chosen[:, :, sparse].sum()
             cache.cached = cache.cached + row_valid[:, sparse].sum() * key.shape[1]
-        mask = allowed.repeat_interleave(group, 1)  # [B, Hq, s', T]
-        mask = mask | ~mask.any(-1, keepdim=True)  # a padding row sees nothing; let it see all (its output is unused)
-        out[:, :, lo : lo + block] = torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=scaling
-        )
+        # A row that reads nothing (padding; a budget of 0) gives 0, as sparse_decode does; SDPA would give NaN.
+        empty = (~allowed.any(-1, keepdim=True)).repeat_interleave(group, 1)  # [B, Hq, s', 1]
+        mask = allowed.repeat_interleave(group, 1) | empty  # [B, Hq, s', T]
+        attended = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        out[:, :, lo : lo + block] = attended.masked_fill(empty, 0.0)
     return out.transpose(1, 2)
 
 

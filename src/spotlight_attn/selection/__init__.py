@@ -8,7 +8,7 @@ from spotlight_attn.selection.selectors import (
     Selector,
     StreamingSelector,
 )
-from spotlight_attn.selection.topk import forced_mask, rows_budget, select_topk
+from spotlight_attn.selection.topk import forced_mask, rows_budget, select_mask, select_topk
 
 __all__ = [
     "DenseSelector",
@@ -19,5 +19,6 @@ __all__ = [
     "StreamingSelector",
     "forced_mask",
     "rows_budget",
+    "select_mask",
     "select_topk",
 ]

@@ -30,6 +30,33 @@ def forced_mask(key_valid: torch.Tensor, sink: int, window: int) -> torch.Tensor
     return forced & key_valid
 
 
+def select_mask(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget, k_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [B, H, T] (int or float), key_valid [B, T] bool -> [B, H, T] bool: the positions the rules
+    pick (k_rows: rows_budget(key_valid, budget), when the caller has it).
+
+    No sort: the k_row-th largest priority of each row is its threshold; every key above it is
+    picked, and of the valid keys equal to it, the most recent ones until the row holds k_row."""
+    b, h, t = scores.shape
+    k_rows = rows_budget(key_valid, budget) if k_rows is None else k_rows  # [B]
+    k = int(k_rows.max()) if b else 0
+    if k == 0:
+        return torch.zeros(b, h, t, dtype=torch.bool, device=scores.device)
+
+    priority = scores.to(torch.float64).nan_to_num(nan=float("-inf"))
+    forced = forced_mask(key_valid, budget.sink, budget.window)[:, None, :]  # [B, 1, T]
+    priority = priority.masked_fill(forced, float("inf"))
+    priority = priority.masked_fill(~key_valid[:, None, :], float("-inf"))
+
+    top = priority.topk(k, dim=-1).values  # [B, H, k], descending
+    kth = top.gather(-1, (k_rows - 1).clamp(min=0)[:, None, None].expand(b, h, 1))  # [B, H, 1]
+    above = priority > kth
+    tie = (priority == kth) & key_valid[:, None, :]
+    need = k_rows[:, None, None] - above.sum(-1, keepdim=True)  # ties still to take, >= 1
+    ties_from_here = tie.flip(-1).cumsum(-1).flip(-1)  # ties at this position or later
+    picked = above | (tie & (ties_from_here <= need))
+    return picked & (k_rows > 0)[:, None, None]
+
+
 def select_topk(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget) -> torch.Tensor:
     """scores [B, H, T] (int or float), key_valid [B, T] bool -> indices [B, H, k] int64 (-1 = unused)."""
     b, h, t = scores.shape
@@ -37,19 +64,10 @@ def select_topk(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget) -
     k = int(k_rows.max()) if b else 0
     if k == 0:
         return torch.full((b, h, 0), -1, dtype=torch.int64, device=scores.device)
-
-    priority = scores.to(torch.float64).nan_to_num(nan=float("-inf"))
-    forced = forced_mask(key_valid, budget.sink, budget.window)[:, None, :]  # [B, 1, T]
-    priority = priority.masked_fill(forced, float("inf"))
-    priority = priority.masked_fill(~key_valid[:, None, :], float("-inf"))
-
-    # Stable sort over the time-reversed row: among equal priorities the more recent token comes first.
-    order = torch.sort(priority.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k]  # [B, H, k]
-    picked = (t - 1) - order
-    unused = torch.arange(k, device=scores.device)[None, None, :] >= k_rows[:, None, None]  # [B, 1, k]
-    picked = picked.masked_fill(unused, t)  # sort unused slots last, then mark them -1
-    picked = picked.sort(dim=-1).values
-    return picked.masked_fill(picked == t, -1)
+    picked = select_mask(scores, key_valid, budget, k_rows)
+    position = torch.arange(t, device=scores.device).expand(b, h, t)
+    indices = position.masked_fill(~picked, t).topk(k, dim=-1, largest=False).values  # ascending, unused last
+    return indices.masked_fill(indices == t, -1)
 
 
 def selected_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
