@@ -333,3 +333,39 @@ def test_quality_summary_merges_the_kinds_per_domain_and_keeps_other_domains(tmp
     with pytest.raises(SpotlightError, match="not a quality summary"):
         write_summary(out, rows)
     assert out.read_text() == "not json"  # refused, not overwritten
+
+
+def test_results_of_processes_split_by_method_merge_into_the_one_process_figures(tmp_path, capsys):
+    model, methods = _setup()
+    torch.manual_seed(4)
+    chunks = torch.randint(3, 128, (3, 41))
+    one = evaluate_ppl(model, methods, common.parse_methods("dense,oracle,linear32"), [0.2, 0.1], chunks, 9, progress=False)
+    parts = [evaluate_ppl(model, methods, common.parse_methods(m), [0.2, 0.1], chunks, 9, progress=False)
+             for m in ("oracle", "dense,linear32")]
+    for part in parts:
+        part["meta"]["seconds"] = 1.0
+    merged = common.merge_results(parts)
+    key = lambda r: (r["method"], r["budget"])  # noqa: E731
+    assert sorted(map(key, merged["rows"]), key=repr) == sorted(map(key, one["rows"]), key=repr)
+    for row in one["rows"]:
+        twin = next(r for r in merged["rows"] if key(r) == key(row))
+        for field in ("ppl", "ppl_lo", "ppl_hi", "ppl_vs_dense", "ppl_vs_dense_lo", "ppl_vs_dense_hi"):
+            assert twin.get(field) == pytest.approx(row.get(field)), field
+    assert "ppl_vs_dense" in next(r for r in merged["rows"] if r["method"] == "oracle")  # paired across the parts
+    assert merged["meta"]["methods"] == ["oracle", "dense", "linear32"]
+
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, parts):
+        common.write_results(part, path)
+    assert main(["report", *map(str, paths), "--merge", str(tmp_path / "all.json"), "--out", str(tmp_path)]) == 0
+    assert len(common.read_results(tmp_path / "all.json")["rows"]) == len(one["rows"])
+
+    with pytest.raises(SpotlightError, match="repeats method oracle"):
+        common.merge_results([parts[0], parts[0]])
+    other = evaluate_ppl(model, methods, common.parse_methods("dense"), [0.2], chunks[:2], 9, progress=False)
+    with pytest.raises(SpotlightError, match="settings differ"):
+        common.merge_results([parts[0], other])
+    before = (tmp_path / "all.json").read_bytes()
+    assert main(["report", str(paths[0]), str(paths[0]), "--merge", str(tmp_path / "all.json")]) != 0
+    assert (tmp_path / "all.json").read_bytes() == before  # a refused merge leaves the old file alone
+    assert "repeats method" in capsys.readouterr().err

@@ -98,6 +98,9 @@ def add_parser(subparsers, parents=()) -> None:
                         help="also write one row per (domain, method, budget) of these files into SUMMARY.json "
                              "(mass, ppl_vs_dense, needle_acc with 95%% bounds; rows of other domains there are kept)")
     report.add_argument("--domain", help="the domain of every file given (default: each file's data spec)")
+    report.add_argument("--merge", type=Path, metavar="MERGED.json",
+                        help="first merge the files (one evaluation run as several processes, each over its own methods) "
+                             "into MERGED.json, intervals and pairings with dense recomputed, and report that")
     report.set_defaults(run=run_report)
 
 
@@ -198,9 +201,13 @@ def run_eval(args) -> int:
 def run_report(args) -> int:
     from spotlight_attn.eval import common, report, summary
 
+    loaded = [(path, common.read_results(path)) for path in args.files]
+    if args.merge is not None:
+        merged = common.merge_results([r for _, r in loaded], [str(p) for p, _ in loaded])
+        loaded = [(common.write_results(merged, args.merge), merged)]
+        print(f"merged {len(args.files)} files into {args.merge}")
     every = []
-    for path in args.files:
-        results = common.read_results(path)
+    for path, results in loaded:
         every.append(results)
         plots = report.plot(results, args.out or path.parent, path.stem)
         print(f"## {results['kind']}: {path}\n\n{report.markdown(results)}\n\nplots: " + ", ".join(str(p) for p in plots) + "\n")

@@ -258,3 +258,53 @@ def read_results(path: str | os.PathLike) -> dict:
     if not isinstance(results, dict) or not {"kind", "meta", "rows"} <= results.keys():
         raise SpotlightError(f"{path} is not a spotlight results file (needs kind, meta and rows)")
     return results
+
+
+MERGED_META = ("methods", "budgets", "hashers", "hasher_bits", "command", "started", "seconds")  # may differ between parts
+
+
+def merge_results(parts: list[dict], names: list[str] | None = None) -> dict:
+    """Results of one evaluation run as several processes, each over its own methods (the same tasks,
+    chunks and settings), -> one results dict with every row and intervals recomputed, so figures
+    paired with dense come out as if one process had run them all. Refuses parts that differ in
+    anything but their methods, or that repeat a (method, budget)."""
+    from spotlight_attn.eval.stats import summarize
+
+    names = names or [f"part {i + 1}" for i in range(len(parts))]
+    if not parts:
+        raise SpotlightError("nothing to merge: give at least one results file")
+    first = parts[0]
+    for name, part in zip(names[1:], parts[1:]):
+        if part["kind"] != first["kind"]:
+            raise SpotlightError(f"cannot merge {name} ({part['kind']} results) with {names[0]} ({first['kind']} results)")
+        for field in sorted((first["meta"].keys() | part["meta"].keys()) - set(MERGED_META) - {"machine", "intervals", "split"}):
+            if part["meta"].get(field) != first["meta"].get(field):
+                raise SpotlightError(f"cannot merge {name} with {names[0]}: their {field} differ "
+                                     f"({part['meta'].get(field)!r} against {first['meta'].get(field)!r})")
+        if part["meta"].get("split") != first["meta"].get("split"):
+            raise SpotlightError(f"cannot merge {name} with {names[0]}: their split differs")
+    seen: dict[tuple, str] = {}
+    hashers: dict[str, str] = {}
+    for name, part in zip(names, parts):
+        for pair in {(row["method"], row["budget"]) for row in part["rows"]}:
+            if pair in seen:
+                raise SpotlightError(f"{name} repeats method {pair[0]} at budget {pair[1]}, already in {seen[pair]}")
+            seen[pair] = name
+        for path, digest in (part["meta"].get("hashers") or {}).items():
+            if hashers.setdefault(path, digest) != digest:
+                raise SpotlightError(f"{name} used another hasher at {path} (sha256 {digest[:12]}... against {hashers[path][:12]}...)")
+    meta = {key: value for key, value in first["meta"].items() if key not in MERGED_META}
+    meta["methods"] = list(dict.fromkeys(m for part in parts for m in part["meta"]["methods"]))
+    meta["budgets"] = list(dict.fromkeys(b for part in parts for b in part["meta"]["budgets"]))
+    meta["hashers"] = hashers
+    meta["hasher_bits"] = {k: v for part in parts for k, v in (part["meta"].get("hasher_bits") or {}).items()}
+    meta["started"] = min(part["meta"]["started"] for part in parts)
+    meta["seconds"] = max(part["meta"].get("seconds") or 0.0 for part in parts)  # the parts ran side by side
+    meta["merged_from"] = [
+        {"part": name, "methods": part["meta"]["methods"], "command": part["meta"].get("command"),
+         "seconds": part["meta"].get("seconds"), "machine": part["meta"].get("machine")}
+        for name, part in zip(names, parts)
+    ]
+    merged = {"kind": first["kind"], "meta": meta, "rows": [row for part in parts for row in part["rows"]]}
+    return summarize(merged, seed=(first["meta"].get("intervals") or {}).get("seed", 0))
+
