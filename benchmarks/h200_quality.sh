@@ -5,19 +5,40 @@
 #   probe    the streaming trainer's speed at the SmolLM2 shape (random weights), alone and 4 at once
 #   model    call 2 (carry .model/b .whl .packs/b): assemble the GGUF, install gguf, copy the eval packs and the training pack's other half
 #   train    train the VARIANTS side by side (one process each), STEPS steps per layer, then store each in float16
-#   select   retrieval of every variant (and the shipped hasher) on held-out documents of the training sources;
-#            the best 128-bit one by mean attention mass over 10% and 2% becomes /root/hashers/best.safetensors
-#   eval     the quality suite on the held-out domains (kjv, perl-docs, elisp: never trained on), processes side by side
+#   wording  dense alone on the needle kinds at 4096 and 2048 tokens (40 tasks each): where dense answers >= 90%
+#   select   retrieval of every variant (and the name=file hashers in CANDIDATES) on held-out documents of the training
+#            sources; the best 128-bit one by mean attention mass over 10% and 2% becomes /root/hashers/best.safetensors
+#   eval     the quality suite on held-out domains never trained on (kjv, perl-docs): perplexity over 16 chunks,
+#            needle (NEEDLE_KINDS at NEEDLE_LENGTHS, 40 tasks a cell), fidelity over 32 prompts; one process per
+#            (methods, budgets) group side by side, merged per evaluation by `spotlight report --merge`
 # Packs (docs/CORPORA.md): .packs/a/train-mix-8k.part0.safetensors, .packs/b/train-mix-8k.part1.safetensors (benchmarks/split_pack.py), .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
 # .packs/b/valid-4112.safetensors. Everything written goes to $OUT; the hashers also stay in /root/hashers
-# while the machine is warm, so call 3 (eval) must follow call 2 at once.
+# while the machine is warm, so the calls after `model` must follow each other at once.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPOTLIGHT_CACHE_DIR=/root/sacache
-M=/root/smollm2.gguf H=/root/hashers P=/root/packs
+M=${M:-/root/smollm2.gguf} H=${H:-/root/hashers} P=${P:-/root/packs} DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-960}
 VARIANTS=${VARIANTS:-"pairs list mix w128 b64"}
+CANDIDATES=${CANDIDATES:-"shipped=src/spotlight_attn/assets/smollm2-135m.safetensors"}  # name=file pairs beside the variants
+NEEDLE_KINDS=${NEEDLE_KINDS:-passkey} NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-4096}
+DEPTHS=${DEPTHS:-0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95} SEEDS=${SEEDS:-0,1,2,3}  # 40 needle tasks a cell
+PPL_CHUNKS=${PPL_CHUNKS:-16} PROMPTS=${PROMPTS:-32}
 mkdir -p "$OUT" $H
 sp() { python3 -m spotlight_attn.cli.main "$@"; }
+# side_by_side NAME KIND ARGS... -- GROUP...: one `spotlight eval KIND ARGS` per GROUP ("methods@budgets"; the
+# budgets default to 0.1,0.02), side by side, then merged into $Q/NAME.json
+side_by_side() {
+  local name=$1 kind=$2; shift 2; local args=()
+  while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
+  local parts=() i=0
+  for group in "$@"; do
+    i=$((i + 1)); local methods=${group%@*} budgets=0.1,0.02; [ "$group" != "$methods" ] && budgets=${group#*@}
+    sp eval "$kind" "${args[@]}" --methods "$methods" --budgets "$budgets" --threads 1 --out "$Q/parts/$name.$i.json" > "$Q/parts/$name.$i.log" 2>&1 &
+    parts+=("$Q/parts/$name.$i.json")
+  done
+  wait
+  sp report --merge "$Q/$name.json" "${parts[@]}" | grep -v "^plots:"
+}
 quiet() { grep -v "Warning\|warnings.warn\|it/s\]$\|chunk/s\]$\|task/s\]$\|prompt/s\]$"; }
 flags() {  # training flags of a variant
   case $1 in
@@ -26,6 +47,9 @@ flags() {  # training flags of a variant
   mix) echo "--listwise 0.5" ;;
   w128) echo "--width 128" ;;
   b64) echo "--bits 64" ;;
+  long) echo "--listwise 1 --steps 960 --chunks 480" ;;  # twice the steps, over all 960 chunks of the pack
+  list64) echo "--listwise 1 --bits 64" ;;
+  scale8) echo "--listwise 1 --list-scale 8" ;;
   *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -67,66 +91,64 @@ for name in names:
 EOF
       mkdir -p "$OUT/hashers" && cp $H/*.fp16.safetensors "$OUT/hashers/" && cp -r $H/*.logs "$OUT/hashers/" 2>/dev/null
     } 2>&1 | quiet | tee "$OUT/train.log" ;;
+  wording)
+    { W="$OUT/wording"; mkdir -p "$W"
+      for kind in passkey single multikey; do for n in 4096 2048; do
+        sp eval needle --model $M --device $DEVICE --methods dense --kinds $kind --lengths $n --depths $DEPTHS --seeds 0,1,2,3 \
+            --threads 1 --out "$W/$kind-$n.json" > "$W/$kind-$n.log" 2>&1 &
+      done; done; wait
+      for f in "$W"/*.json; do python3 -c "import json, sys; r = json.load(open(sys.argv[1])); s = [x['score'] for x in r['rows']]; print(sys.argv[1].rsplit('/', 1)[1], f'dense {sum(s) / len(s):.3f} over {len(s)} tasks')" "$f"; done
+    } 2>&1 | quiet | tee "$OUT/wording.log" ;;
   select)
-    { mkdir -p "$OUT/select"
-      for v in shipped $VARIANTS; do
-        file=$H/$v.fp16.safetensors; [ $v = shipped ] && file=src/spotlight_attn/assets/smollm2-135m.safetensors
+    { mkdir -p "$OUT/select"; names=""
+      for v in $CANDIDATES $VARIANTS; do
+        name=${v%%=*} file=$H/$v.fp16.safetensors; [ "$v" != "$name" ] && file=${v#*=}; names="$names $name"
         sp eval retrieval --model $M --device cuda --data $P/valid-4112.safetensors --split heldout --contexts 4096 --steps 16 \
-            --chunks 9 --methods spotlight=$file --budgets 0.1,0.02 --out "$OUT/select/$v.json" > "$OUT/select/$v.log" 2>&1 &
+            --chunks 9 --methods spotlight=$file --budgets 0.1,0.02 --out "$OUT/select/$name.json" > "$OUT/select/$name.log" 2>&1 &
+        echo "$name $file" >> "$OUT/select/files.txt"
       done
-      sp eval retrieval --model $M --device cuda --data $P/valid-4112.safetensors --split heldout --contexts 4096 --steps 16 \
-          --chunks 9 --methods oracle,linear128,linear1024 --budgets 0.1,0.02 --out "$OUT/select/baselines.json" > "$OUT/select/baselines.log" 2>&1 &
+      [ -f "$OUT/select/baselines.json" ] || sp eval retrieval --model $M --device cuda --data $P/valid-4112.safetensors --split heldout \
+          --contexts 4096 --steps 16 --chunks 9 --methods oracle,linear128,linear1024 --budgets 0.1,0.02 \
+          --out "$OUT/select/baselines.json" > "$OUT/select/baselines.log" 2>&1 &
       wait
-      python3 - "$OUT/select" "$H" $VARIANTS <<'EOF'
-import json, shutil, sys
+      python3 - "$OUT/select" "$H" $names <<'EOF'
+import json, os, shutil, sys
 folder, hashers, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+files = dict(line.split() for line in open(f"{folder}/files.txt"))
 best = None
-for name in ["baselines", "shipped", *names]:
-    rows = json.load(open(f"{folder}/{name}.json"))["rows"]
+for name in ["baselines", *names]:
+    if not os.path.exists(f"{folder}/{name}.json"):
+        print(f"{name}: no results (see {folder}/{name}.log)")
+        continue
+    results = json.load(open(f"{folder}/{name}.json"))
+    rows, bits = results["rows"], set((results["meta"].get("hasher_bits") or {}).values())
     for method in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == method]
         mass = sum(r["mass"] for r in mine) / len(mine)
         print(f"{name:10s} {method:10s} " + "  ".join(f"{r['budget']:g}: IoU {r['iou']:.3f} mass {r['mass']:.4f}" for r in mine)
-              + f"  mean mass {mass:.4f}")
-        if method == "spotlight" and name != "b64" and (best is None or mass > best[1]):
+              + f"  mean mass {mass:.4f}" + (f"  ({min(bits)} bits)" if bits and method == "spotlight" else ""))
+        if method == "spotlight" and bits == {128} and (best is None or mass > best[1]):
             best = (name, mass)
 print("best 128-bit hasher on the validation documents:", best[0])
-src = "src/spotlight_attn/assets/smollm2-135m.safetensors" if best[0] == "shipped" else f"{hashers}/{best[0]}.fp16.safetensors"
-shutil.copy(src, f"{hashers}/best.safetensors")
-open(f"{folder}/best.txt", "w").write(best[0] + "\n")
+shutil.copy(files[best[0]], f"{hashers}/best.safetensors")
+open(f"{folder}/best.txt", "w").write(f"{best[0]} {files[best[0]]}\n")
 EOF
-    } 2>&1 | quiet | tee "$OUT/select.log" ;;
+    } 2>&1 | quiet | tee -a "$OUT/select.log" ;;
   eval)
-    Q="$OUT/quality"; mkdir -p "$Q"; best=$H/best.safetensors; start=$(date +%s)
+    Q="$OUT/quality"; mkdir -p "$Q/parts"; best=$H/best.safetensors; start=$(date +%s)
     [ -f $best ] || { echo "no $best: run train and select first"; exit 5; }
-    common="--model $M --device cuda --budgets 0.1,0.02"
-    for d in kjv perl-docs elisp; do
-      { sp eval retrieval $common --data $P/$d-4112.safetensors --contexts 4096 --steps 16 --chunks 12 --hasher $best \
-            --methods oracle,spotlight,linear128,linear1024,quest,streaming --out "$Q/retrieval_$d.json"
-        sp eval ppl $common --data $P/$d-4096.safetensors --chunks 24 --hasher $best \
-            --methods dense,oracle,spotlight,linear128,linear1024,quest,streaming --out "$Q/ppl_$d.json"
-      } > "$Q/$d.log" 2>&1 &
-    done
-    sp eval needle $common --hasher $best --kinds passkey --lengths 4096 --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95 \
-        --seeds 0,1,2,3 --methods dense,oracle,spotlight,linear1024 --out "$Q/needle.json" > "$Q/needle.log" 2>&1 &
-    sp eval fidelity $common --hasher $best --data $P/kjv-2048.safetensors --length 2048 --prompts 32 \
-        --methods dense,oracle,spotlight,linear1024 --out "$Q/fidelity_kjv.json" > "$Q/fidelity.log" 2>&1 &
-    { for d in kjv perl-docs; do  # one dense layer instead of two (issue 13, item 3)
-        sp eval ppl $common --data $P/$d-4096.safetensors --chunks 24 --hasher $best --dense-layers 0 \
-            --methods oracle,spotlight --out "$Q/ppl_${d}_dense1.json"
+    common="--model $M --device $DEVICE --hasher $best"
+    { for d in kjv perl-docs; do
+        side_by_side ppl_$d ppl $common --data $P/$d-4096.safetensors --chunks $PPL_CHUNKS -- dense@0.1 oracle spotlight linear1024 > "$Q/ppl_$d.log" 2>&1 &
       done
-      sp eval retrieval $common --data $P/kjv-4112.safetensors --contexts 4096 --steps 16 --chunks 12 --hasher $best \
-          --dense-layers 0 --methods oracle,spotlight --out "$Q/retrieval_kjv_dense1.json"
-    } > "$Q/dense1.log" 2>&1 &
-    [ -f $H/b64.fp16.safetensors ] && { for d in kjv perl-docs; do  # the 64-bit moonshot against SimHash-1024's rows above
-        sp eval retrieval $common --data $P/$d-4112.safetensors --contexts 4096 --steps 16 --chunks 12 \
-            --hasher $H/b64.fp16.safetensors --methods spotlight --out "$Q/retrieval_${d}_b64.json"
-        sp eval ppl $common --data $P/$d-4096.safetensors --chunks 24 --hasher $H/b64.fp16.safetensors \
-            --methods spotlight --out "$Q/ppl_${d}_b64.json"
-      done > "$Q/b64.log" 2>&1 & }
-    wait
-    echo "eval took $(( $(date +%s) - start )) s"
-    for f in "$Q"/*.log; do echo "== $f"; grep -v "Warning\|warn\|/s\]" "$f" | grep "^|\|took\|Error\|error" | head -n 40; done ;;
+      side_by_side needle needle $common --kinds $NEEDLE_KINDS --lengths $NEEDLE_LENGTHS --depths $DEPTHS --seeds $SEEDS \
+          -- dense@0.1 oracle@0.1 spotlight@0.1 linear1024@0.1 oracle@0.02 spotlight@0.02 linear1024@0.02 > "$Q/needle.log" 2>&1 &
+      side_by_side fidelity_kjv fidelity $common --data $P/kjv-2048.safetensors --length 2048 --prompts $PROMPTS \
+          -- dense@0.1 oracle spotlight linear1024 > "$Q/fidelity.log" 2>&1 &
+      wait
+      echo "eval took $(( $(date +%s) - start )) s"
+      for f in "$Q"/*.log; do echo "== $f"; grep "^|\|^merged\|Error\|error" "$f" | head -n 40; done
+    } 2>&1 | quiet | tee "$OUT/eval.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
