@@ -184,7 +184,7 @@ def test_a_failed_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
 
 
 def test_shipped_smollm2_hasher_loads_and_is_small():
-    """The hasher inside the package: SmolLM2-135M geometry, 128 bits, layers 2-29, under 5 MB, header intact."""
+    """The hasher inside the package: SmolLM2-135M geometry, 128 bits, layers 1-29 (so it also serves one dense layer), under 5 MB, header intact."""
     from pathlib import Path
 
     import spotlight_attn
@@ -193,8 +193,8 @@ def test_shipped_smollm2_hasher_loads_and_is_small():
     assert path.stat().st_size < 5 * 2**20
     geometry = ModelGeometry("llama", num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_positions=8192)
     hasher = load_hasher(path, geometry)
-    assert hasher.bits == 128 and hasher.layers == tuple(range(2, 30))
-    assert read_header(path)["training"]["finished_layers"] == list(range(2, 30))
+    assert hasher.bits == 128 and hasher.layers == tuple(range(1, 30))
+    assert read_header(path)["training"]["finished_layers"] == list(range(1, 30))
     assert read_header(path)["identity"]["tensors"][0] == "layers.0.self_attn.q_proj.weight"  # found by what a model is
     codes = hasher.key_codes(5, torch.randn(1, 3, 7, 64))
     assert codes.shape == (1, 3, 7, 4) and codes.dtype == torch.int32
