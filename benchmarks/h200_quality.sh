@@ -11,6 +11,7 @@
 #   eval     the quality suite on held-out domains never trained on (kjv, perl-docs): perplexity over 16 chunks,
 #            needle (NEEDLE_KINDS at NEEDLE_LENGTHS, 40 tasks a cell), fidelity over 32 prompts; one process per
 #            (methods, budgets) group side by side, merged per evaluation by `spotlight report --merge`
+#   dense1   perplexity as in eval with layer 0 alone dense (the shipped hasher holds layers 1-29)
 # Packs (docs/CORPORA.md): .packs/a/train-mix-8k.part0.safetensors, .packs/b/train-mix-8k.part1.safetensors (benchmarks/split_pack.py), .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
 # .packs/b/valid-4112.safetensors. Everything written goes to $OUT; the hashers also stay in /root/hashers
 # while the machine is warm, so the calls after `model` must follow each other at once.
@@ -149,6 +150,14 @@ EOF
       echo "eval took $(( $(date +%s) - start )) s"
       for f in "$Q"/*.log; do echo "== $f"; grep "^|\|^merged\|Error\|error" "$f" | head -n 40; done
     } 2>&1 | quiet | tee "$OUT/eval.log" ;;
+  dense1)  # one dense layer (0) instead of two: perplexity as in eval (issue 13, item 3)
+    Q="$OUT/dense1"; mkdir -p "$Q/parts"; best=$H/best.safetensors; [ -f $best ] || best=src/spotlight_attn/assets/smollm2-135m.safetensors
+    { for d in kjv perl-docs; do
+        side_by_side ppl_${d}_dense1 ppl --model $M --device $DEVICE --hasher $best --dense-layers 0 --data $P/$d-4096.safetensors \
+            --chunks $PPL_CHUNKS -- dense@0.1 oracle@0.1 oracle@0.02 spotlight@0.1 spotlight@0.02 > "$Q/ppl_${d}_dense1.log" 2>&1 &
+      done; wait
+      for f in "$Q"/*.log; do echo "== $f"; grep "^|\|^merged\|Error\|error" "$f" | head -n 20; done
+    } 2>&1 | quiet | tee "$OUT/dense1.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
