@@ -14,8 +14,8 @@
 #   dense1   perplexity as in eval with layer 0 alone dense (the shipped hasher holds layers 1-29)
 # Packs (docs/CORPORA.md): .packs/a/train-mix-8k.part0.safetensors, .packs/b/train-mix-8k.part1.safetensors (benchmarks/split_pack.py), .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
 # .packs/b/valid-4112.safetensors. `model` installs every wheel in .whl: gguf, and for fidelity (the GPU machine lacks
-# rouge-score) `pip download -d .whl --python-version 3.12 --only-binary=:all: rouge-score nltk absl-py` (plus what
-# pip names). Everything written goes to $OUT; the hashers also stay in /root/hashers
+# rouge-score, which PyPI has only as an sdist) `pip wheel --no-deps -w .whl rouge-score nltk absl-py` and the wheels
+# of what nltk needs (click, joblib, regex: `pip download --python-version 3.12 --only-binary=:all:`). Everything written goes to $OUT; the hashers also stay in /root/hashers
 # while the machine is warm, so the calls after `model` must follow each other at once.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPOTLIGHT_CACHE_DIR=/root/sacache
