@@ -145,6 +145,21 @@ def test_fidelity_compares_with_the_dense_reply():
     rows = {(r["method"], r["budget"]): r for r in results["rows"]}
     assert rows["dense", None]["exact"] and rows["dense", None]["rouge_l_dense"] == pytest.approx(1.0)
     assert rows["oracle", 1.0]["exact"] and rows["oracle", 1.0]["agreement"] == 1.0
+    # Every fidelity run computes the dense replies it compares with: parts split by method share them.
+    parts = [evaluate_fidelity(model, tokenizer, methods, common.parse_methods(m), [1.0, 0.1], [text, text[:300]],
+                               max_new_tokens=5, progress=False) for m in ("oracle", "linear32")]
+    merged = common.merge_results(parts)
+    assert [r["method"] for r in merged["rows"]].count("dense") == 2  # one row per prompt, once
+    asked = evaluate_fidelity(model, tokenizer, methods, common.parse_methods("dense"), [1.0], [text, text[:300]],
+                              max_new_tokens=5, progress=False)
+    assert [r["method"] for r in common.merge_results([parts[0], asked])["rows"]].count("dense") == 2  # either order
+    with pytest.raises(SpotlightError, match="repeats method dense"):  # asked for twice
+        common.merge_results([asked, parts[0], asked])
+    assert {(s["method"], s["budget"]) for s in merged["summary"]} == {("dense", None), ("oracle", 1.0), ("oracle", 0.1),
+                                                                      ("linear32", 1.0), ("linear32", 0.1)}
+    parts[1]["rows"][0]["reply"] += " (changed)"  # a reference that differs between parts is refused
+    with pytest.raises(SpotlightError, match="repeats method dense"):
+        common.merge_results(parts)
 
 
 def test_eval_cli_writes_results_table_and_plots_then_report_redraws(tmp_path, tiny_dir, capsys):

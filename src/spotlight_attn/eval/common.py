@@ -267,7 +267,9 @@ def merge_results(parts: list[dict], names: list[str] | None = None) -> dict:
     """Results of one evaluation run as several processes, each over its own methods (the same tasks,
     chunks and settings), -> one results dict with every row and intervals recomputed, so figures
     paired with dense come out as if one process had run them all. Refuses parts that differ in
-    anything but their methods, or that repeat a (method, budget)."""
+    anything but their methods, or where two parts asked for the same (method, budget). Rows of a
+    method a part did not ask for are a reference its evaluation computes itself (fidelity's dense
+    replies): kept once, and refused where another part's differ."""
     from spotlight_attn.eval.stats import summarize
 
     names = names or [f"part {i + 1}" for i in range(len(parts))]
@@ -277,19 +279,24 @@ def merge_results(parts: list[dict], names: list[str] | None = None) -> dict:
     for name, part in zip(names[1:], parts[1:]):
         if part["kind"] != first["kind"]:
             raise SpotlightError(f"cannot merge {name} ({part['kind']} results) with {names[0]} ({first['kind']} results)")
-        for field in sorted((first["meta"].keys() | part["meta"].keys()) - set(MERGED_META) - {"machine", "intervals", "split"}):
+        for field in sorted((first["meta"].keys() | part["meta"].keys()) - set(MERGED_META) - {"machine", "intervals"}):
             if part["meta"].get(field) != first["meta"].get(field):
                 raise SpotlightError(f"cannot merge {name} with {names[0]}: their {field} differ "
                                      f"({part['meta'].get(field)!r} against {first['meta'].get(field)!r})")
-        if part["meta"].get("split") != first["meta"].get("split"):
-            raise SpotlightError(f"cannot merge {name} with {names[0]}: their split differs")
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple, tuple[str, list[dict], bool]] = {}  # (method, budget) -> the part that has it, its rows, asked for
+    rows: list[dict] = []
     hashers: dict[str, str] = {}
     for name, part in zip(names, parts):
-        for pair in {(row["method"], row["budget"]) for row in part["rows"]}:
-            if pair in seen:
-                raise SpotlightError(f"{name} repeats method {pair[0]} at budget {pair[1]}, already in {seen[pair]}")
-            seen[pair] = name
+        mine: dict[tuple, list[dict]] = {}
+        for row in part["rows"]:
+            mine.setdefault((row["method"], row["budget"]), []).append(row)
+        for pair, pair_rows in mine.items():
+            asked = pair[0] in part["meta"]["methods"]
+            if pair not in seen:
+                seen[pair] = (name, pair_rows, asked)
+                rows.extend(pair_rows)
+            elif (asked and seen[pair][2]) or pair_rows != seen[pair][1]:
+                raise SpotlightError(f"{name} repeats method {pair[0]} at budget {pair[1]}, already in {seen[pair][0]}")
         for path, digest in (part["meta"].get("hashers") or {}).items():
             if hashers.setdefault(path, digest) != digest:
                 raise SpotlightError(f"{name} used another hasher at {path} (sha256 {digest[:12]}... against {hashers[path][:12]}...)")
@@ -305,6 +312,5 @@ def merge_results(parts: list[dict], names: list[str] | None = None) -> dict:
          "seconds": part["meta"].get("seconds"), "machine": part["meta"].get("machine")}
         for name, part in zip(names, parts)
     ]
-    merged = {"kind": first["kind"], "meta": meta, "rows": [row for part in parts for row in part["rows"]]}
+    merged = {"kind": first["kind"], "meta": meta, "rows": rows}
     return summarize(merged, seed=(first["meta"].get("intervals") or {}).get("seed", 0))
-
