@@ -42,6 +42,9 @@ side_by_side() {
   wait
   sp report --merge "$Q/$name.json" "${parts[@]}" | grep -v "^plots:"
 }
+tables() {  # tables DIR LINES: the tables (and errors) of each log in DIR
+  for f in "$1"/*.log; do echo "== $f"; grep "^|\|^merged\|Error\|error" "$f" | head -n "$2"; done
+}
 quiet() { grep -v "Warning\|warnings.warn\|it/s\]$\|chunk/s\]$\|task/s\]$\|prompt/s\]$"; }
 flags() {  # training flags of a variant
   case $1 in
@@ -150,7 +153,7 @@ EOF
           -- dense@0.1 oracle spotlight linear1024 > "$Q/fidelity.log" 2>&1 &
       wait
       echo "eval took $(( $(date +%s) - start )) s"
-      for f in "$Q"/*.log; do echo "== $f"; grep "^|\|^merged\|Error\|error" "$f" | head -n 40; done
+      tables "$Q" 40
     } 2>&1 | quiet | tee "$OUT/eval.log" ;;
   dense1)  # one dense layer (0) instead of two: perplexity as in eval (issue 13, item 3)
     Q="$OUT/dense1"; mkdir -p "$Q/parts"; best=$H/best.safetensors; [ -f $best ] || best=src/spotlight_attn/assets/smollm2-135m.safetensors
@@ -158,7 +161,7 @@ EOF
         side_by_side ppl_${d}_dense1 ppl --model $M --device $DEVICE --hasher $best --dense-layers 0 --data $P/$d-4096.safetensors \
             --chunks $PPL_CHUNKS -- dense@0.1 oracle@0.1 oracle@0.02 spotlight@0.1 spotlight@0.02 > "$Q/ppl_${d}_dense1.log" 2>&1 &
       done; wait
-      for f in "$Q"/*.log; do echo "== $f"; grep "^|\|^merged\|Error\|error" "$f" | head -n 20; done
+      tables "$Q" 20
     } 2>&1 | quiet | tee "$OUT/dense1.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
