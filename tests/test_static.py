@@ -144,6 +144,62 @@ def test_generate_features_on_the_static_path():
     assert model.generation_config.cache_implementation is None  # restored
 
 
+class _HostEvent:
+    """torch.Event for the CPU, which has none: the CPU runs in order, so a recorded event is always done."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def test_deferred_stop_check_gives_what_the_per_step_check_gives(monkeypatch):
+    """generate() over the static cache reads its stop flag one step late (compat.defer_stop_checks): when
+    EOS ends generation the extra step is undone, so tokens, scores and the returned cache equal the
+    per-step check's, and one more decode step ran. The rule answers yes for our cache alone."""
+    from transformers import DynamicCache
+    from transformers.generation.utils import DeferredStopCheck
+
+    monkeypatch.setattr(compat, "DEFER_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(torch, "Event", _HostEvent)  # the CPU has no events; DeferredStopCheck makes two
+    model = tiny_model("llama", 4, 2, 16, layers=3)
+    ids, mask = prompts(lengths=(17,))
+    steps = []
+    model.model.register_forward_pre_hook(lambda module, args: steps.append(1))
+
+    def decode(defer, **kwargs):
+        sa.enable(model, None, SpotlightConfig(method="linear", budget=0.3, bits=64, min_tokens=2, cache="static",
+                                               defer_stop=defer))
+        steps.clear()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True, **kwargs)
+        cache = compat.output_cache(out)
+        return out.sequences, torch.stack(out.scores, 1), int(cache.get_seq_length()), cache.layers[0].lengths.clone(), len(steps)
+
+    *_, plain_steps = greedy = decode(False)
+    eos = int(greedy[0][0, ids.shape[1] + 2])
+    sequences, scores, seen, lengths, n = decode(False, eos_token_id=eos)
+    assert sequences.shape[1] < ids.shape[1] + 8  # EOS ended it early
+    deferred = decode(True, eos_token_id=eos)
+    assert torch.equal(deferred[0], sequences) and torch.equal(deferred[1], scores)
+    assert deferred[2] == seen and torch.equal(deferred[3], lengths)  # the extra step was cropped off
+    assert deferred[4] == n + 1  # and it ran: the check was deferred
+    assert decode(True)[4] == plain_steps  # max_new_tokens ends it on the host, on time: no extra step
+
+    cache = model.spotlight.new_static_cache(1, 64, torch.device("cpu"), torch.float32)
+    cuda = torch.device("cuda")
+    assert DeferredStopCheck.is_supported(cuda, cache, True, False)
+    assert not DeferredStopCheck.is_supported(cuda, cache, True, True)  # an assistant model checks every step
+    assert not DeferredStopCheck.is_supported(cuda, DynamicCache(), False, False)  # transformers' own rule
+    model.spotlight.config.defer_stop = False
+    assert not DeferredStopCheck.is_supported(cuda, cache, False, False)
+    sa.disable(model)
+
+
 def test_repeated_calls_reuse_the_cache_and_give_the_same_tokens():
     model = tiny_model("llama", 4, 2, 16, layers=3)
     ids, mask = prompts()

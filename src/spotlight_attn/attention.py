@@ -370,6 +370,8 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
         installed.previous_cache_implementation = generation.cache_implementation
         installed.set_static = True
         generation.cache_implementation = "static"
+    if config.defer_stop:
+        compat.defer_stop_checks()  # serves only our static cache, whichever way generate() chose it
     model.spotlight = installed
     logger.info("spotlight enabled: method=%s budget=%s dense_layers=%s", config.method.value, config.budget, config.dense_layers)
     return model

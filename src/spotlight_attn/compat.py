@@ -13,11 +13,17 @@ What differs across the supported releases, and how the library reads it:
 - `DynamicLayer.crop(n)` with n > 0 meant "keep n tokens" before 5.24 and raises from 5.24 on; a
   negative n (remove that many) means the same everywhere. SpotlightLayer.crop defers to the
   installed DynamicLayer, so it follows the installed contract.
+- generate() reads its stop flag from the device after every step, so the device idles while the host
+  prepares the next one (about 1.9 ms a step on the H200, docs/BENCHMARKS.md). Every supported release
+  ships `DeferredStopCheck`, which reads the flag one step late and undoes the one extra step it
+  costs, but turns it on only for `mps`. `defer_stop_checks` lets it serve generate() over our static
+  cache on CUDA too (`SpotlightConfig.defer_stop`); any other cache keeps the installed rule.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 
 from spotlight_attn.errors import UnsupportedModelError, UnsupportedVersionError
@@ -27,6 +33,10 @@ BELOW_TRANSFORMERS = "5.25"  # the first release not yet tested
 SUPPORTED_TRANSFORMERS = f">={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}"
 ALLOW_UNTESTED_ENV = "SPOTLIGHT_ALLOW_UNTESTED_TRANSFORMERS"
 CACHE_NAMES = ("cache", "past_key_values")  # the forward's cache argument: the newest name first
+DEFER_DEVICES = ("cuda",)  # devices where our static cache defers generate()'s stop check
+_STOP_CHECK_PARAMETERS = ("device", "cache", "cache_is_returned", "is_assistant")
+
+logger = logging.getLogger(__name__)
 
 
 def transformers_version() -> str:
@@ -76,3 +86,39 @@ def output_cache(output):
         if cache is not None:
             return cache
     return None
+
+
+def defer_stop_checks() -> bool:
+    """Let generate() check its stop condition one step late over a cache that asks for it.
+
+    transformers' `DeferredStopCheck.is_supported(device, cache, cache_is_returned, is_assistant)`
+    decides per generate() call; this wraps it, once per process, so that it also answers yes for a
+    cache whose `defers_stop` is true on a DEFER_DEVICES device (not for an assistant model), and
+    otherwise gives the installed answer. The deferred check crops the extra step from a returned cache
+    (SpotlightStaticCache.crop). -> whether generate() can defer (False on a release without the class
+    or with another signature: generate() then checks every step, as before).
+    """
+    try:
+        from transformers.generation.utils import DeferredStopCheck
+    except ImportError:
+        logger.info("transformers %s has no DeferredStopCheck: generate() checks its stop flag every step",
+                    transformers_version())
+        return False
+    installed = inspect.getattr_static(DeferredStopCheck, "is_supported", None)
+    rule = getattr(installed, "__func__", None)
+    if getattr(rule, "spotlight_wrapped", False):
+        return True
+    if not isinstance(installed, staticmethod) or tuple(inspect.signature(rule).parameters) != _STOP_CHECK_PARAMETERS:
+        logger.info("transformers %s: DeferredStopCheck.is_supported is not the known rule; stop checks are not deferred",
+                    transformers_version())
+        return False
+
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        if getattr(cache, "defers_stop", False) and device.type in DEFER_DEVICES and not is_assistant:
+            return True
+        return rule(device, cache, cache_is_returned, is_assistant)
+
+    is_supported.spotlight_wrapped = True
+    is_supported.__doc__ = rule.__doc__
+    DeferredStopCheck.is_supported = staticmethod(is_supported)
+    return True

@@ -104,6 +104,10 @@ class SpotlightConfig:
     # CUDA: the fast path), "dynamic" (leave generation_config as it is), or "auto" = static on CUDA.
     # Either way `generate(..., cache_implementation=...)` chooses per call, as in transformers.
     cache: str = "auto"
+    # Over the static cache on CUDA, generate() reads its stop flag one step late (transformers'
+    # DeferredStopCheck), so the device never waits for the host between steps; when EOS or a stopping
+    # criterion ends generation, one extra step runs and is undone before generate() returns.
+    defer_stop: bool = True
 
     def __post_init__(self):
         try:

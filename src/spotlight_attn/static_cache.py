@@ -157,7 +157,7 @@ class SpotlightStaticLayer(CacheLayerMixin):
         """Drop the last -tokens_to_remove tokens of every row (a negative count, as transformers' static layers take)."""
         if tokens_to_remove > 0:
             raise SpotlightError("the static cache crops by a negative count: the number of tokens to remove")
-        if self.is_initialized:
+        if self.is_initialized and tokens_to_remove:  # crop(0), which the deferred stop check calls every step: no launch
             self.lengths.sub_(-tokens_to_remove).clamp_(min=0)
             self.seen.sub_(-tokens_to_remove).clamp_(min=0)
 
@@ -212,6 +212,11 @@ class SpotlightStaticCache(Cache):
     @property
     def max_tokens(self) -> int:
         return self.layers[0].max_tokens
+
+    @property
+    def defers_stop(self) -> bool:
+        """Whether generate() may check its stop flag one step late over this cache (compat.defer_stop_checks)."""
+        return self.owner is not None and self.owner.config.defer_stop
 
     def counters_to(self, device: torch.device) -> None:
         """Put the read counters on the cache's device, and make the kernels' completion counters there
