@@ -7,6 +7,7 @@
 #   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
+#   profile512  the same at 512K x 1
 #   tune      launch variants of score_select and sparse_decode, and the step's hash, at these shapes (benchmarks/tune_kernels.py;
 #             TUNE_ONLY=hash|select|decode for one of them)
 #   hash      the fused hash kernel's tests compiled on CUDA
@@ -47,6 +48,9 @@ for phase in "$@"; do
         --json "$OUT/real_smollm2.json" | tee "$log" ;;
   profile)
     python3 benchmarks/profile_generate.py --shape llama3-8b --context 128K --batch 6 --out "$OUT/profile" 2>&1 \
+        | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
+  profile512)
+    python3 benchmarks/profile_generate.py --shape llama3-8b --context 512K --batch 1 --out "$OUT/profile512" 2>&1 \
         | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
   hash) python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 3 | tee "$log" ;;
   train)

@@ -399,9 +399,10 @@ def _score_select_triton(
     emit_tokens: int = 4096,
     max_chunks: int = MAX_CHUNKS,
     programs_per_sm: int = 4,
-    score_warps: int = 8,
+    score_warps: int = 4,
     prefetch: bool = True,
     coarse_bins: int = COARSE_BINS,
+    score_maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
     int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
@@ -459,7 +460,7 @@ def _score_select_triton(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
         HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch,
-        num_warps=score_warps,
+        num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
     bt_refine = min(bt_emit, 2048)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
