@@ -47,11 +47,9 @@ SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
     dict(score_warps=8),  # the default before: 4 keys per thread instead of 8
     dict(block_tokens=2048, score_warps=16),
     dict(coarse_bins=4),  # ablation: the score pass with an almost free histogram (refine then does the counting)
-    dict(keep_scores=True),  # the int16 scores stored and re-read with L2 eviction hints, so the later passes find them there
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),
-    dict(prefetch_l2=True),  # every phase's weights asked into L2 when the program starts
     dict(num_warps=8),
     dict(bk=32),
     dict(block_m=32),

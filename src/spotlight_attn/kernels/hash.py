@@ -52,20 +52,11 @@ def serves(x: torch.Tensor, w1, proj: torch.Tensor) -> bool:
 
 
 @_triton.kernel
-def _prefetch_l2(ptr, n, LINES: tl.constexpr):
-    """Ask for the n floats at ptr to be brought into L2, one 128-byte line per lane, without waiting."""
-    offs = tl.minimum(tl.arange(0, LINES) * 32, n - 1)
-    addr = (ptr + offs).to(tl.int64, bitcast=True)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@_triton.kernel
 def _hash_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr, scratch_ptr,
     n_heads, m, d, width, bits, stride_xh, stride_xm,
     DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, BITS_PAD: tl.constexpr,
-    WORDS: tl.constexpr, BK: tl.constexpr, PREFETCH_L2: tl.constexpr,
+    WORDS: tl.constexpr, BK: tl.constexpr,
 ):
     """One program: rows [BLOCK_M block] of head program_id(0). Weights contiguous as in the module docstring.
 
@@ -83,12 +74,6 @@ def _hash_kernel(
     d_ok = dim < d
     w_ok = hid < width
     x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
-    if PREFETCH_L2:  # every phase's weights on their way now; otherwise each phase waits on DRAM in turn
-        for i in tl.static_range(DEPTH):
-            blk = (i * n_heads + head).to(tl.int64)
-            _prefetch_l2(w1_ptr + blk * d * width, d * width, D_PAD * W_PAD // 32)
-            _prefetch_l2(w2_ptr + blk * width * d, width * d, D_PAD * W_PAD // 32)
-        _prefetch_l2(proj_ptr + head.to(tl.int64) * d * bits, d * bits, D_PAD * BITS_PAD // 32)
     x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
     # This program's scratch: x rows [BLOCK_M, D_PAD] then hidden rows [BLOCK_M, W_PAD], float32.
     scratch_x = scratch_ptr + (head * tl.num_programs(1) + blk_m).to(tl.int64) * BLOCK_M * (D_PAD + W_PAD)
@@ -135,8 +120,7 @@ def _hash_kernel(
              mask=row_ok[:, None] & (word[None, :] < WORDS))
 
 
-def _hash_codes_triton(x, w1, b1, w2, b2, proj, *, block_m: int = 16, bk: int = 16, num_warps: int = 4,
-                       prefetch_l2: bool = False) -> torch.Tensor:
+def _hash_codes_triton(x, w1, b1, w2, b2, proj, *, block_m: int = 16, bk: int = 16, num_warps: int = 4) -> torch.Tensor:
     """Launcher: same contract as hash_codes_reference. The keyword arguments size a program's work
     (benchmarks/tune_kernels.py times them)."""
     _triton.bind(globals())
@@ -161,6 +145,6 @@ def _hash_codes_triton(x, w1, b1, w2, b2, proj, *, block_m: int = 16, bk: int = 
     _hash_kernel[(n, blocks_m)](
         x, w1, b1, w2, b2, proj, out, scratch, n, m, d, width, bits, x.stride(0), x.stride(1),
         DEPTH=depth, BLOCK_M=block_m, D_PAD=d_pad, W_PAD=w_pad, BITS_PAD=max(32, next_pow2(bits)), WORDS=words,
-        BK=bk, PREFETCH_L2=prefetch_l2 and x.is_cuda and not _triton.interpreting(), num_warps=num_warps,
+        BK=bk, num_warps=num_warps,
     )
     return out

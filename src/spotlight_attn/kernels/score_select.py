@@ -158,7 +158,6 @@ def _score_kernel(
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr,
-    STORE_POLICY: tl.constexpr,
 ):
     """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h.
 
@@ -227,7 +226,7 @@ def _score_kernel(
         if NP > 4:
             x += _sum(_popc(agree & plane4[None, :], HW_POPC), axis=1) * 16
         stored = tl.where(forced, FORCED, tl.where(candidate, x, -1))
-        tl.store(score_row + t, stored.to(tl.int16), mask=in_row, eviction_policy=STORE_POLICY)
+        tl.store(score_row + t, stored.to(tl.int16), mask=in_row)
         hist += tl.histogram(x >> SHIFT, NBC, mask=candidate)
         n_forced += forced.to(tl.int32)
 
@@ -263,7 +262,7 @@ def _refine_kernel(
     score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, counter_ptr,
     T, score_stride, n_chunks, chunk_tokens,
     SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
-    FORCED: tl.constexpr, LOAD_POLICY: tl.constexpr,
+    FORCED: tl.constexpr,
 ):
     """Pass 2 for chunk program_id(0) of row program_id(1): exact counts inside the threshold bucket.
 
@@ -289,11 +288,11 @@ def _refine_kernel(
     acc2 = tl.full([BT], 0, tl.int32)
     acc3 = tl.full([BT], 0, tl.int32)
     t_next = t0 + tl.arange(0, BT)
-    s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1, eviction_policy=LOAD_POLICY)
+    s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)
     for _ in range(t0, stop, BT):
         s = s_next.to(tl.int32)
         t_next += BT
-        s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1, eviction_policy=LOAD_POLICY)  # next block in flight
+        s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)  # next block in flight
         inside = (s >= lo) & (s < hi)
         f = s - lo
         if PACKED:
@@ -347,7 +346,7 @@ def _refine_kernel(
 def _emit_kernel(
     score_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr,
     num_kv_heads, T, score_stride, k, chunk_tokens, n_chunks,
-    BT: tl.constexpr, FORCED: tl.constexpr, LOAD_POLICY: tl.constexpr,
+    BT: tl.constexpr, FORCED: tl.constexpr,
 ):
     """Pass 3 for chunk program_id(0) of row program_id(1): out[row, :] gets the chunk's picked positions
     (int64) at its offset, in position order; chunk 0 also fills the row's unused tail with -1."""
@@ -362,12 +361,12 @@ def _emit_kernel(
     t0 = chunk * chunk_tokens
     stop = tl.minimum(t0 + chunk_tokens, T)
     t_next = t0 + tl.arange(0, BT)
-    s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1, eviction_policy=LOAD_POLICY)
+    s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)
     for _ in range(t0, stop, BT):
         t = t_next
         s = s_next.to(tl.int32)
         t_next = t + BT
-        s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1, eviction_policy=LOAD_POLICY)  # next block in flight
+        s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)  # next block in flight
         # 0 <= threshold < FORCED: padding (-1) is below it, sink/window keys (FORCED) above it.
         tie = s == threshold
         sure = s > threshold
@@ -404,7 +403,6 @@ def _score_select_triton(
     prefetch: bool = True,
     coarse_bins: int = COARSE_BINS,
     score_maxnreg: int | None = None,
-    keep_scores: bool = False,
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
     int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
@@ -462,18 +460,17 @@ def _score_select_triton(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
         HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch,
-        STORE_POLICY="evict_last" if keep_scores else "", num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
+        num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
     bt_refine = min(bt_emit, 2048)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
     _refine_kernel[grid](
         scores, fine, base, state, emit, counters, t, t_stride, chunks, chunk_tokens,
-        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED,
-        LOAD_POLICY="evict_last" if keep_scores else "", num_warps=8,  # emit reads the scores once more
+        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, num_warps=8,
     )
     _emit_kernel[grid](
         scores, state, emit, plan.bounds, out, hkv, t, t_stride, plan.k, chunk_tokens, chunks,
-        BT=bt_emit, FORCED=FORCED, LOAD_POLICY="evict_first" if keep_scores else "", num_warps=8,  # their last read
+        BT=bt_emit, FORCED=FORCED, num_warps=8,
     )
     return out
 
