@@ -46,11 +46,9 @@ for phase in "$@"; do
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
     bench --model /root/smollm2.gguf --context 8000 --batch 1,32 --budget 0.1 --hasher learned --baselines "${REAL_BASELINES:-hf-static,dense}" \
         --json "$OUT/real_smollm2.json" | tee "$log" ;;
-  profile)
-    python3 benchmarks/profile_generate.py --shape llama3-8b --context 128K --batch 6 --out "$OUT/profile" 2>&1 \
-        | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
-  profile512)
-    python3 benchmarks/profile_generate.py --shape llama3-8b --context 512K --batch 1 --out "$OUT/profile512" 2>&1 \
+  profile|profile512)
+    shape="--context 128K --batch 6"; [ $phase = profile512 ] && shape="--context 512K --batch 1"
+    python3 benchmarks/profile_generate.py --shape llama3-8b $shape --out "$OUT/$phase" 2>&1 \
         | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
   hash) python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 3 | tee "$log" ;;
   train)

@@ -14,9 +14,9 @@ What differs across the supported releases, and how the library reads it:
   negative n (remove that many) means the same everywhere. SpotlightLayer.crop defers to the
   installed DynamicLayer, so it follows the installed contract.
 - generate() reads its stop flag from the device after every step, so the device idles while the host
-  prepares the next one (about 1.9 ms a step on the H200, docs/BENCHMARKS.md). Every supported release
-  ships `DeferredStopCheck`, which reads the flag one step late and undoes the one extra step it
-  costs, but turns it on only for `mps`. `defer_stop_checks` lets it serve generate() over our static
+  prepares the next one (about 1.9 ms a step on the H200, docs/BENCHMARKS.md). 5.17 and 5.24 (the
+  releases CI runs) ship `DeferredStopCheck`, which reads the flag one step late and undoes the one
+  extra step it costs, but turns it on only for `mps`. `defer_stop_checks` lets it serve generate() over our static
   cache on CUDA too (`SpotlightConfig.defer_stop`); any other cache keeps the installed rule.
 """
 
