@@ -10,6 +10,7 @@
 #   profile512  the same at 512K x 1
 #   tune      launch variants of score_select and sparse_decode, and the step's hash, at these shapes (benchmarks/tune_kernels.py;
 #             TUNE_ONLY=hash|select|decode for one of them)
+#   ncu       Nsight Compute on the step's kernels at 128K x 6 (benchmarks/ncu_probe.py; HASH_VARIANT picks the hash variant)
 #   hash      the fused hash kernel's tests compiled on CUDA
 #   train     the streaming hash trainer's throughput at the Llama-3-8B shape, 8K chunks (benchmarks/train_throughput.py),
 #             and its GPU test
@@ -50,6 +51,10 @@ for phase in "$@"; do
     shape="--context 128K --batch 6"; [ $phase = profile512 ] && shape="--context 512K --batch 1"
     python3 benchmarks/profile_generate.py --shape llama3-8b $shape --out "$OUT/$phase" 2>&1 \
         | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
+  ncu)
+    ncu --clock-control none --kernel-name regex:"_hash|_score|_refine|_emit|_sparse" --launch-skip 6 --launch-count 6 \
+        --set detailed --section SourceCounters --section WarpStateStats python3 benchmarks/ncu_probe.py > "$OUT/ncu.txt" 2>&1
+    grep -E "^  _|Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Compute \(SM\) Throughput" "$OUT/ncu.txt" | tee "$log" ;;
   hash) python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 3 | tee "$log" ;;
   train)
     { python3 benchmarks/train_throughput.py --out "$OUT" 2>&1 | grep -v "Warning\|warn"

@@ -34,25 +34,21 @@ from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton
 T = 524288
 SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
     dict(),
-    dict(block_tokens=512, score_warps=4),
-    dict(block_tokens=2048),
-    dict(programs_per_sm=2),
-    dict(programs_per_sm=8),
+    dict(split_interior=False),  # the score pass with per-key masks on every block (the default before)
     dict(coarse_bins=32),
-    dict(emit_tokens=2048),
-    dict(emit_tokens=8192),
-    dict(block_tokens=512, score_warps=4, programs_per_sm=8),
-    dict(score_maxnreg=64),  # more programs resident per SM (ncu: 95 registers, 2 CTAs/SM, 23% occupancy)
-    dict(score_maxnreg=80),
-    dict(score_warps=8),  # the default before: 4 keys per thread instead of 8
-    dict(block_tokens=2048, score_warps=16),
-    dict(coarse_bins=4),  # ablation: the score pass with an almost free histogram (refine then does the counting)
+    dict(coarse_bins=32, score_warps=8),
+    dict(score_warps=8),
+    dict(block_tokens=512),
+    dict(programs_per_sm=8),
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),
-    dict(num_warps=8),
-    dict(bk=32),
-    dict(block_m=32),
+    dict(block_m=16),  # the tl.dot kernel, the default before
+    dict(block_m=1),
+    dict(block_m=1, bk=32),
+    dict(block_m=2, bk=32),
+    dict(block_m=2, bk=64),
+    dict(block_m=4, bk=32),
 ]
 DECODE_VARIANTS = [  # keyword arguments of _sparse_decode_triton
     dict(),

@@ -74,6 +74,23 @@ def test_fused_hash_equals_the_reference(n, m, d, width, bits, depth):
     assert torch.equal(codes, want)
 
 
+@pytest.mark.parametrize("variant", [
+    dict(block_m=16),  # the tl.dot kernel (more than FEW_ROWS rows per head)
+    dict(block_m=1),  # the broadcast-product kernel, one row a program
+    dict(block_m=4, bk=32),
+])
+@pytest.mark.parametrize("n,m,d,width,bits,depth", [
+    (3, 5, 64, 64, 128, 2), (1, 37, 48, 24, 100, 1), (4, 33, 128, 128, 128, 2), (2, 7, 32, 0, 96, 0), (1, 18, 32, 16, 512, 1),
+])
+def test_kernel_variants_equal_the_reference(variant, n, m, d, width, bits, depth):
+    weights = bank_weights(n, d, width, bits, depth, seed=n * 100 + m)
+    x = torch.randn(n, m, d, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    codes = _hash_codes_triton(x, *weights, **variant)
+    want = hash_codes_reference(x, *weights)
+    assert agree(codes, want, pre_sign(x, *weights), bits) == 0
+    assert torch.equal(codes, want)
+
+
 def test_bf16_rows_and_a_strided_view():
     weights = bank_weights(2, 64, 32, 128, 2, seed=7)
     base = torch.randn(9, 2, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE).bfloat16()

@@ -3,8 +3,8 @@
 A decode step hashes B x (G + 1) rows per KV head (its queries and its new key). Through torch that
 is one bmm per weight (two per residual block, plus the projection), the SiLU and residual kernels
 between them and the sign packing: about ten launches per layer for a few rows each. Here one
-program takes BLOCK_M rows of one head through every block and the projection, in registers, and
-writes the packed sign bits:
+program takes BLOCK_M rows of one head through every block and the projection and writes the packed
+sign bits:
 
     x <- x + W2 silu(W1 x + b1) + b2   (depth times)     codes = pack(sign(P x))
 
@@ -12,6 +12,15 @@ The matmuls accumulate in float32 with IEEE products (no TF32), as the reference
 another order: a pre-sign value within rounding of zero may take the other sign (the tests check
 that only such bits ever differ, and that on their inputs none does). For many rows (a prefill) the
 weights would be re-read per block of rows; that stays with the torch path (serves()).
+
+Two kernels, one contract. The heads' chains of matmuls cannot be split across programs without a
+grid-wide barrier, so what spreads a step's hash over the GPU is fewer rows per program:
+- `_hash_rows_kernel` (up to FEW_ROWS rows per head): FEW_ROWS_BLOCK rows per program, each matmul as
+  broadcast products summed over BK-wide slices of K, every product in the thread that owns its
+  output column (no shuffles). A decode step at 128K x 6 hashes 30 rows per head: 120 programs.
+- `_hash_kernel` (more rows): 16-row tl.dot tiles, the smallest a dot takes.
+Both keep the running rows in registers and read each matmul's left operand back from their own
+scratch rows (a register tile cannot be sliced along K).
 
     hash_codes(x [n, M, D], w1 [depth, n, D, Wd] | None, b1 [depth, n, 1, Wd], w2 [depth, n, Wd, D],
                b2 [depth, n, 1, D], proj [n, D, bits]) -> codes [n, M, ceil(bits / 32)] int32
@@ -30,6 +39,11 @@ triton = tl = libdevice = _sum = _max = _cumsum = None  # bound on the first lau
 MAX_ROWS = 256  # rows per head the fused kernel takes; more (a prefill) go through torch
 MAX_DIM = 128  # head dim and block width it keeps in registers
 MAX_BITS = 512
+# Up to FEW_ROWS rows per head (a decode step's B x (G + 1) at moderate batch) take programs of
+# FEW_ROWS_BLOCK rows: 15 programs per head at 30 rows instead of 2, 13.6 instead of 20.2 us for the
+# learned-hash shape on the H200 (docs/BENCHMARKS.md).
+FEW_ROWS = 64
+FEW_ROWS_BLOCK = 2
 
 
 def hash_codes_reference(x, w1, b1, w2, b2, proj) -> torch.Tensor:
@@ -120,9 +134,73 @@ def _hash_kernel(
              mask=row_ok[:, None] & (word[None, :] < WORDS))
 
 
-def _hash_codes_triton(x, w1, b1, w2, b2, proj, *, block_m: int = 16, bk: int = 16, num_warps: int = 4) -> torch.Tensor:
+@_triton.kernel
+def _matmul_rows(a_ptr, w_ptr, k_valid, n_valid, stride_w, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
+                 N_PAD: tl.constexpr, BK: tl.constexpr):
+    """[BLOCK_M, K_PAD] rows at a_ptr (this program's scratch, row stride K_PAD) @ w [k_valid, n_valid]
+    (row stride stride_w) -> [BLOCK_M, N_PAD] float32, as broadcast products summed over BK-wide slices."""
+    local = tl.arange(0, BLOCK_M)
+    col = tl.arange(0, N_PAD)
+    kk = tl.arange(0, BK)
+    acc = tl.full([BLOCK_M, N_PAD], 0.0, tl.float32)
+    for k0 in tl.static_range(0, K_PAD, BK):
+        a = tl.load(a_ptr + local[:, None] * K_PAD + (k0 + kk)[None, :])  # [BLOCK_M, BK]
+        w = tl.load(w_ptr + (k0 + kk)[:, None] * stride_w + col[None, :],
+                    mask=((k0 + kk) < k_valid)[:, None] & (col < n_valid)[None, :], other=0.0)  # [BK, N_PAD]
+        acc += _sum(a[:, :, None] * w[None, :, :], axis=1)
+    return acc
+
+
+@_triton.kernel
+def _hash_rows_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr, scratch_ptr,
+    n_heads, m, d, width, bits, stride_xh, stride_xm,
+    DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, BITS_PAD: tl.constexpr,
+    WORDS: tl.constexpr, BK: tl.constexpr,
+):
+    """As _hash_kernel, for a few rows per program (BLOCK_M below a dot tile): broadcast products."""
+    head = tl.program_id(0)
+    blk_m = tl.program_id(1)
+    rows = blk_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = tl.arange(0, BLOCK_M)
+    dim = tl.arange(0, D_PAD)
+    hid = tl.arange(0, W_PAD)
+    row_ok = rows < m
+    d_ok = dim < d
+    w_ok = hid < width
+    x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
+    x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
+    scratch_x = scratch_ptr + (head * tl.num_programs(1) + blk_m).to(tl.int64) * BLOCK_M * (D_PAD + W_PAD)
+    scratch_h = scratch_x + BLOCK_M * D_PAD
+    for i in tl.static_range(DEPTH):
+        blk = (i * n_heads + head).to(tl.int64)
+        tl.store(scratch_x + local[:, None] * D_PAD + dim[None, :], x)
+        tl.debug_barrier()
+        hidden = _matmul_rows(scratch_x, w1_ptr + blk * d * width, d, width, width, BLOCK_M, D_PAD, W_PAD, BK)
+        hidden = hidden + tl.load(b1_ptr + blk * width + hid, mask=w_ok, other=0.0)[None, :]
+        hidden = hidden / (1.0 + tl.exp(tl.minimum(-hidden, 80.0)))
+        tl.store(scratch_h + local[:, None] * W_PAD + hid[None, :], hidden)
+        tl.debug_barrier()
+        delta = _matmul_rows(scratch_h, w2_ptr + blk * width * d, width, d, d, BLOCK_M, W_PAD, D_PAD, BK)
+        x = x + (delta + tl.load(b2_ptr + blk * d + dim, mask=d_ok, other=0.0)[None, :])
+        tl.debug_barrier()
+    tl.store(scratch_x + local[:, None] * D_PAD + dim[None, :], x)
+    tl.debug_barrier()
+    col = tl.arange(0, BITS_PAD)
+    hashed = _matmul_rows(scratch_x, proj_ptr + head.to(tl.int64) * d * bits, d, bits, bits, BLOCK_M, D_PAD, BITS_PAD, BK)
+    one_bits = tl.where(hashed > 0, 1 << (col % 32)[None, :], 0)
+    packed = _sum(tl.reshape(one_bits, [BLOCK_M, BITS_PAD // 32, 32]), axis=2)
+    word = tl.arange(0, BITS_PAD // 32)
+    tl.store(out_ptr + (head.to(tl.int64) * m + rows[:, None]) * WORDS + word[None, :], packed,
+             mask=row_ok[:, None] & (word[None, :] < WORDS))
+
+
+def _hash_codes_triton(
+    x, w1, b1, w2, b2, proj, *, block_m: int | None = None, bk: int = 16, num_warps: int = 4,
+    num_stages: int | None = None,
+) -> torch.Tensor:
     """Launcher: same contract as hash_codes_reference. The keyword arguments size a program's work
-    (benchmarks/tune_kernels.py times them)."""
+    (benchmarks/tune_kernels.py times them); block_m below 16 takes the broadcast-product kernel."""
     _triton.bind(globals())
     n, m, d = x.shape
     bits = proj.shape[-1]
@@ -140,11 +218,13 @@ def _hash_codes_triton(x, w1, b1, w2, b2, proj, *, block_m: int = 16, bk: int = 
         w1 = b1 = w2 = b2 = proj  # not read
     proj = proj.contiguous()
     d_pad, w_pad = max(16, next_pow2(d)), max(16, next_pow2(max(width, 1)))
+    block_m = block_m or (FEW_ROWS_BLOCK if m <= FEW_ROWS else 16)
     blocks_m = cdiv(m, block_m)
     scratch = torch.empty(n * blocks_m * block_m * (d_pad + w_pad), dtype=torch.float32, device=x.device)
-    _hash_kernel[(n, blocks_m)](
+    kernel = _hash_rows_kernel if block_m < 16 else _hash_kernel  # tl.dot needs 16 rows
+    kernel[(n, blocks_m)](
         x, w1, b1, w2, b2, proj, out, scratch, n, m, d, width, bits, x.stride(0), x.stride(1),
         DEPTH=depth, BLOCK_M=block_m, D_PAD=d_pad, W_PAD=w_pad, BITS_PAD=max(32, next_pow2(bits)), WORDS=words,
-        BK=bk, num_warps=num_warps,
+        BK=bk, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return out

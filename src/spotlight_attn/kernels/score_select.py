@@ -151,13 +151,46 @@ def _load_codes(row_ptr, t, lo, hi, word, W: tl.constexpr, W_PAD: tl.constexpr):
 
 
 @_triton.kernel
+def _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP: tl.constexpr, HW_POPC: tl.constexpr):
+    """Codes [BT, W_PAD] -> shifted scores x [BT] (module docstring)."""
+    agree = ~(codes ^ majority[None, :])  # [BT, W_PAD]
+    x = _sum(_popc(agree & plane0[None, :], HW_POPC), axis=1)  # [BT] in [0, bits * (G >> PAR)]
+    if NP > 1:
+        x += _sum(_popc(agree & plane1[None, :], HW_POPC), axis=1) * 2
+    if NP > 2:
+        x += _sum(_popc(agree & plane2[None, :], HW_POPC), axis=1) * 4
+    if NP > 3:
+        x += _sum(_popc(agree & plane3[None, :], HW_POPC), axis=1) * 8
+    if NP > 4:
+        x += _sum(_popc(agree & plane4[None, :], HW_POPC), axis=1) * 16
+    return x
+
+
+@_triton.kernel
+def _score_block_masked(
+    k_row, score_row, t, start, end, lo, hi, T, sink, window, majority, plane0, plane1, plane2, plane3, plane4,
+    hist, n_forced, word, W: tl.constexpr, W_PAD: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr,
+    NBC: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr,
+):
+    """One block of keys t [BT] that may hold forced, padding or out-of-row keys -> (hist, n_forced)."""
+    codes = _load_codes(k_row, t, lo, hi, word, W, W_PAD)
+    valid = (t >= start) & (t < end)
+    forced = valid & ((t < start + sink) | (t >= end - window))
+    candidate = valid & ~forced
+    x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
+    stored = tl.where(forced, FORCED, tl.where(candidate, x, -1))
+    tl.store(score_row + t, stored.to(tl.int16), mask=t < T)
+    return hist + tl.histogram(x >> SHIFT, NBC, mask=candidate), n_forced + forced.to(tl.int32)
+
+
+@_triton.kernel
 def _score_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
-    BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr,
+    BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h.
 
@@ -200,35 +233,52 @@ def _score_kernel(
     t0 = chunk * chunk_blocks * BT
     lo = start + sink  # scored keys: valid, past the sinks, before the window, inside this chunk
     hi = tl.minimum(end - window, t0 + chunk_blocks * BT)
-    t_next = t0 + tl.arange(0, BT)
-    if PREFETCH:
+    if SPLIT:
+        # Blocks wholly inside [lo, hi) (almost all of them) hold no forced, padding or out-of-row key:
+        # they run without the per-key masks. The blocks [0, first) and [last, chunk_blocks) run masked.
+        first = tl.minimum(tl.maximum(lo - t0 + BT - 1, 0) // BT, chunk_blocks)
+        last = tl.maximum(tl.minimum(tl.maximum(hi - t0, 0) // BT, chunk_blocks), first)
+        for blk in range(0, first):
+            hist, n_forced = _score_block_masked(
+                k_ptr + row_off, score_row, t0 + blk * BT + tl.arange(0, BT), start, end, lo, hi, T, sink, window,
+                majority, plane0, plane1, plane2, plane3, plane4, hist, n_forced, word,
+                W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED)
+        t_next = t0 + first * BT + tl.arange(0, BT)
         codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
-    for blk in range(0, chunk_blocks):
-        t = t_next
-        t_next = t + BT
-        if PREFETCH:  # keep two blocks of codes in flight: issue the next loads before scoring this block
+        for blk in range(first, last):
+            t = t_next
             codes = codes_next
+            t_next = t + BT
+            codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)  # next block in flight
+            x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
+            tl.store(score_row + t, x.to(tl.int16))
+            hist += tl.histogram(x >> SHIFT, NBC)
+        for blk in range(last, chunk_blocks):
+            hist, n_forced = _score_block_masked(
+                k_ptr + row_off, score_row, t0 + blk * BT + tl.arange(0, BT), start, end, lo, hi, T, sink, window,
+                majority, plane0, plane1, plane2, plane3, plane4, hist, n_forced, word,
+                W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED)
+    else:
+        t_next = t0 + tl.arange(0, BT)
+        if PREFETCH:
             codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
-        else:
-            codes = _load_codes(k_ptr + row_off, t, lo, hi, word, W, W_PAD)
-        in_row = t < T
-        valid = (t >= start) & (t < end)
-        forced = valid & ((t < start + sink) | (t >= end - window))
-        candidate = valid & ~forced
-        agree = ~(codes ^ majority[None, :])  # [BT, W_PAD]
-        x = _sum(_popc(agree & plane0[None, :], HW_POPC), axis=1)  # [BT] in [0, bits * (G >> PAR)]
-        if NP > 1:
-            x += _sum(_popc(agree & plane1[None, :], HW_POPC), axis=1) * 2
-        if NP > 2:
-            x += _sum(_popc(agree & plane2[None, :], HW_POPC), axis=1) * 4
-        if NP > 3:
-            x += _sum(_popc(agree & plane3[None, :], HW_POPC), axis=1) * 8
-        if NP > 4:
-            x += _sum(_popc(agree & plane4[None, :], HW_POPC), axis=1) * 16
-        stored = tl.where(forced, FORCED, tl.where(candidate, x, -1))
-        tl.store(score_row + t, stored.to(tl.int16), mask=in_row)
-        hist += tl.histogram(x >> SHIFT, NBC, mask=candidate)
-        n_forced += forced.to(tl.int32)
+        for blk in range(0, chunk_blocks):
+            t = t_next
+            t_next = t + BT
+            if PREFETCH:  # keep two blocks of codes in flight: issue the next loads before scoring this block
+                codes = codes_next
+                codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
+            else:
+                codes = _load_codes(k_ptr + row_off, t, lo, hi, word, W, W_PAD)
+            in_row = t < T
+            valid = (t >= start) & (t < end)
+            forced = valid & ((t < start + sink) | (t >= end - window))
+            candidate = valid & ~forced
+            x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
+            stored = tl.where(forced, FORCED, tl.where(candidate, x, -1))
+            tl.store(score_row + t, stored.to(tl.int16), mask=in_row)
+            hist += tl.histogram(x >> SHIFT, NBC, mask=candidate)
+            n_forced += forced.to(tl.int32)
 
     cells = (row * n_chunks + chunk) * NBC
     tl.store(hist_ptr + cells + tl.arange(0, NBC), hist)
@@ -403,6 +453,7 @@ def _score_select_triton(
     prefetch: bool = True,
     coarse_bins: int = COARSE_BINS,
     score_maxnreg: int | None = None,
+    split_interior: bool = True,
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
     int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
@@ -459,7 +510,7 @@ def _score_select_triton(
         hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks,
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
-        HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch,
+        HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
     bt_refine = min(bt_emit, 2048)
