@@ -20,7 +20,11 @@ grid-wide barrier, so what spreads a step's hash over the GPU is fewer rows per 
   output column (no shuffles). A decode step at 128K x 6 hashes 30 rows per head: 120 programs.
 - `_hash_kernel` (more rows): 16-row tl.dot tiles, the smallest a dot takes.
 Both keep the running rows in registers and read each matmul's left operand back from their own
-scratch rows (a register tile cannot be sliced along K).
+scratch rows (a register tile cannot be sliced along K). In a decode step the weights are cold:
+between two layers' hashes the step streams far more than L2 holds, so each of the ~40 weight
+slices a program reads in turn would wait on DRAM. On CUDA every program therefore first asks L2
+for its share of all its head's weights (`prefetch.global.L2`, no wait), and the slices that follow
+come from L2.
 
     hash_codes(x [n, M, D], w1 [depth, n, D, Wd] | None, b1 [depth, n, 1, Wd], w2 [depth, n, Wd, D],
                b2 [depth, n, 1, D], proj [n, D, bits]) -> codes [n, M, ceil(bits / 32)] int32
@@ -40,10 +44,15 @@ MAX_ROWS = 256  # rows per head the fused kernel takes; more (a prefill) go thro
 MAX_DIM = 128  # head dim and block width it keeps in registers
 MAX_BITS = 512
 # Up to FEW_ROWS rows per head (a decode step's B x (G + 1) at moderate batch) take programs of
-# FEW_ROWS_BLOCK rows: 15 programs per head at 30 rows instead of 2, 13.6 instead of 20.2 us for the
-# learned-hash shape on the H200 (docs/BENCHMARKS.md).
+# FEW_ROWS_BLOCK rows: 15 programs per head at 30 rows instead of 2; on the H200 the learned-hash
+# shape takes 15.5 us with cold weights instead of 22.1 (docs/BENCHMARKS.md).
 FEW_ROWS = 64
 FEW_ROWS_BLOCK = 2
+# Their K slice and warps, measured on the H200 with cold weights (benchmarks/tune_kernels.py): the
+# learned-hash shape (depth 2) 13.2 us at 8 warps and 128-wide slices (4 warps and 64: 16.0); the
+# projection alone (SimHash) 5.1 us at 4 warps (8 warps: 6.2), 3.2 us warm at 64-wide slices (16: 3.7).
+FEW_ROWS_BK = {True: 128, False: 64}  # keyed by "has residual blocks"
+FEW_ROWS_WARPS = {True: 8, False: 4}
 
 
 def hash_codes_reference(x, w1, b1, w2, b2, proj) -> torch.Tensor:
@@ -66,11 +75,37 @@ def serves(x: torch.Tensor, w1, proj: torch.Tensor) -> bool:
 
 
 @_triton.kernel
+def _prefetch_share(ptr, n, part, parts, LINES: tl.constexpr):
+    """Ask L2 for this program's share of the n floats at ptr: 128-byte lines part, part + parts, ...
+    (one line per lane, no wait, nothing returned to use)."""
+    offs = tl.minimum((tl.arange(0, LINES) * parts + part) * 32, n - 1)
+    addr = (ptr + offs).to(tl.int64, bitcast=True)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@_triton.kernel
+def _prefetch_weights(w1_ptr, w2_ptr, proj_ptr, n_heads, d, width, bits, DEPTH: tl.constexpr, LINES: tl.constexpr):
+    """Every phase's weights of head program_id(0) on their way into L2, spread over the head's programs.
+
+    In a decode step the weights are cold (the step streams far more than L2 holds between two
+    layers' hashes), and each matmul slice would otherwise wait on DRAM in turn."""
+    head = tl.program_id(0)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    for i in tl.static_range(DEPTH):
+        blk = (i * n_heads + head).to(tl.int64)
+        _prefetch_share(w1_ptr + blk * d * width, d * width, part, parts, LINES)
+        _prefetch_share(w2_ptr + blk * width * d, width * d, part, parts, LINES)
+    _prefetch_share(proj_ptr + head.to(tl.int64) * d * bits, d * bits, part, parts, LINES)
+
+
+@_triton.kernel
 def _hash_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr, scratch_ptr,
     n_heads, m, d, width, bits, stride_xh, stride_xm,
     DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, BITS_PAD: tl.constexpr,
-    WORDS: tl.constexpr, BK: tl.constexpr,
+    WORDS: tl.constexpr, BK: tl.constexpr, PREFETCH_LINES: tl.constexpr,
 ):
     """One program: rows [BLOCK_M block] of head program_id(0). Weights contiguous as in the module docstring.
 
@@ -88,6 +123,8 @@ def _hash_kernel(
     d_ok = dim < d
     w_ok = hid < width
     x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
+    if PREFETCH_LINES > 0:
+        _prefetch_weights(w1_ptr, w2_ptr, proj_ptr, n_heads, d, width, bits, DEPTH, PREFETCH_LINES)
     x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
     # This program's scratch: x rows [BLOCK_M, D_PAD] then hidden rows [BLOCK_M, W_PAD], float32.
     scratch_x = scratch_ptr + (head * tl.num_programs(1) + blk_m).to(tl.int64) * BLOCK_M * (D_PAD + W_PAD)
@@ -156,7 +193,7 @@ def _hash_rows_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr, scratch_ptr,
     n_heads, m, d, width, bits, stride_xh, stride_xm,
     DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, BITS_PAD: tl.constexpr,
-    WORDS: tl.constexpr, BK: tl.constexpr,
+    WORDS: tl.constexpr, BK: tl.constexpr, PREFETCH_LINES: tl.constexpr,
 ):
     """As _hash_kernel, for a few rows per program (BLOCK_M below a dot tile): broadcast products."""
     head = tl.program_id(0)
@@ -169,6 +206,8 @@ def _hash_rows_kernel(
     d_ok = dim < d
     w_ok = hid < width
     x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
+    if PREFETCH_LINES > 0:
+        _prefetch_weights(w1_ptr, w2_ptr, proj_ptr, n_heads, d, width, bits, DEPTH, PREFETCH_LINES)
     x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
     scratch_x = scratch_ptr + (head * tl.num_programs(1) + blk_m).to(tl.int64) * BLOCK_M * (D_PAD + W_PAD)
     scratch_h = scratch_x + BLOCK_M * D_PAD
@@ -196,8 +235,8 @@ def _hash_rows_kernel(
 
 
 def _hash_codes_triton(
-    x, w1, b1, w2, b2, proj, *, block_m: int | None = None, bk: int = 16, num_warps: int = 4,
-    num_stages: int | None = None,
+    x, w1, b1, w2, b2, proj, *, block_m: int | None = None, bk: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, prefetch_l2: bool = True,
 ) -> torch.Tensor:
     """Launcher: same contract as hash_codes_reference. The keyword arguments size a program's work
     (benchmarks/tune_kernels.py times them); block_m below 16 takes the broadcast-product kernel."""
@@ -219,12 +258,19 @@ def _hash_codes_triton(
     proj = proj.contiguous()
     d_pad, w_pad = max(16, next_pow2(d)), max(16, next_pow2(max(width, 1)))
     block_m = block_m or (FEW_ROWS_BLOCK if m <= FEW_ROWS else 16)
+    few = block_m < 16
+    bk = bk or (FEW_ROWS_BK[depth > 0] if few else 16)
+    num_warps = num_warps or (FEW_ROWS_WARPS[depth > 0] if few else 4)
+    bk = min(bk, d_pad, w_pad if depth else d_pad)  # a slice wider than an operand's padded K would read past its scratch rows
     blocks_m = cdiv(m, block_m)
     scratch = torch.empty(n * blocks_m * block_m * (d_pad + w_pad), dtype=torch.float32, device=x.device)
-    kernel = _hash_rows_kernel if block_m < 16 else _hash_kernel  # tl.dot needs 16 rows
+    kernel = _hash_rows_kernel if few else _hash_kernel  # tl.dot needs 16 rows
+    lines = 0  # per program and weight matrix; 0: no prefetch (the interpreter has no inline PTX)
+    if prefetch_l2 and x.is_cuda and not _triton.interpreting():
+        lines = next_pow2(cdiv(cdiv(d * max(width, bits), 32), blocks_m))
     kernel[(n, blocks_m)](
         x, w1, b1, w2, b2, proj, out, scratch, n, m, d, width, bits, x.stride(0), x.stride(1),
         DEPTH=depth, BLOCK_M=block_m, D_PAD=d_pad, W_PAD=w_pad, BITS_PAD=max(32, next_pow2(bits)), WORDS=words,
-        BK=bk, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        BK=bk, PREFETCH_LINES=lines, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return out
