@@ -15,6 +15,8 @@
 #   train     the streaming hash trainer's throughput at the Llama-3-8B shape, 8K chunks (benchmarks/train_throughput.py),
 #             and its GPU test
 # SPOTLIGHT_FUSED_HASH=0 in the environment turns the fused hash kernel off for every phase.
+# LLAMA_BASELINES=dense leaves transformers' own StaticCache row out of llama128 (a process of its own:
+# the model build, a 43 s warm-up, 301 ms steps); `hash llama128 llama512` with it ran past one call's 600 s.
 # e.g. call 1: h200_generate.sh stash tests llama128   call 2 (at once): h200_generate.sh real llama512
 # Logs and JSON rows go to $OUT; every bench row runs in a process of its own.
 set -uo pipefail
@@ -32,7 +34,7 @@ for phase in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 15  # compiled on CUDA here
     } 2>&1 | tee "$log" ;;
   llama128)
-    bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
+    bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp --baselines "${LLAMA_BASELINES:-hf-static,dense}" \
         --json "$OUT/llama3_128k_x6.json" | tee "$log" ;;
   torch128)
     SPOTLIGHT_FUSED_HASH=0 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
