@@ -45,7 +45,7 @@ MAX_DIM = 128  # head dim and block width it keeps in registers
 MAX_BITS = 512
 # Up to FEW_ROWS rows per head (a decode step's B x (G + 1) at moderate batch) take programs of
 # FEW_ROWS_BLOCK rows: 15 programs per head at 30 rows instead of 2; on the H200 the learned-hash
-# shape takes 15.5 us with cold weights instead of 22.1 (docs/BENCHMARKS.md).
+# shape takes 13.2 us with cold weights instead of 22.4 (docs/BENCHMARKS.md).
 FEW_ROWS = 64
 FEW_ROWS_BLOCK = 2
 # Their K slice and warps, measured on the H200 with cold weights (benchmarks/tune_kernels.py): the
