@@ -43,9 +43,9 @@ SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),
-    dict(prefetch_l2=False),  # each weight slice read when its matmul reaches it (the default before)
-    dict(num_warps=4, bk=64),  # the default before for the learned hash (the SimHash default still)
-    dict(bk=16, num_warps=4),
+    dict(prefetch_l2=False),  # the default setting, each weight slice read only when its matmul reaches it
+    dict(num_warps=4, bk=64),  # SimHash's default; the learned hash's setting in run gen20
+    dict(bk=16, num_warps=4),  # the few-row kernel's setting at 2df4409 (which had no prefetch)
     dict(block_m=16),  # the tl.dot kernel
     dict(num_warps=8, bk=64),
     dict(num_warps=8, bk=128),

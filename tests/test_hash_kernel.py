@@ -78,7 +78,7 @@ def test_fused_hash_equals_the_reference(n, m, d, width, bits, depth):
     dict(block_m=16),  # the tl.dot kernel (more than FEW_ROWS rows per head)
     dict(block_m=1),  # the broadcast-product kernel, one row a program
     dict(block_m=4, bk=32),
-    dict(block_m=2, bk=32, prefetch_l2=False),  # on CUDA the default asks L2 for the weights first; without it
+    dict(block_m=2, bk=32, prefetch_l2=False),  # on CUDA the others first ask L2 for the weights; these two do not
     dict(block_m=16, prefetch_l2=False),
 ])
 @pytest.mark.parametrize("n,m,d,width,bits,depth", [

@@ -21,8 +21,8 @@ grid-wide barrier, so what spreads a step's hash over the GPU is fewer rows per 
 - `_hash_kernel` (more rows): 16-row tl.dot tiles, the smallest a dot takes.
 Both keep the running rows in registers and read each matmul's left operand back from their own
 scratch rows (a register tile cannot be sliced along K). In a decode step the weights are cold:
-between two layers' hashes the step streams far more than L2 holds, so each of the ~40 weight
-slices a program reads in turn would wait on DRAM. On CUDA every program therefore first asks L2
+between two layers' hashes the step streams far more than L2 holds, so each weight slice a
+program reads in turn (one to eight per matmul) would wait on DRAM. On CUDA every program therefore first asks L2
 for its share of all its head's weights (`prefetch.global.L2`, no wait), and the slices that follow
 come from L2.
 
@@ -261,7 +261,9 @@ def _hash_codes_triton(
     few = block_m < 16
     bk = bk or (FEW_ROWS_BK[depth > 0] if few else 16)
     num_warps = num_warps or (FEW_ROWS_WARPS[depth > 0] if few else 4)
-    bk = min(bk, d_pad, w_pad if depth else d_pad)  # a slice wider than an operand's padded K would read past its scratch rows
+    # A slice wider than an operand's padded K would read past its scratch rows: x rows are d_pad wide,
+    # hidden rows (residual blocks only) w_pad.
+    bk = min(bk, d_pad, w_pad) if depth else min(bk, d_pad)
     blocks_m = cdiv(m, block_m)
     scratch = torch.empty(n * blocks_m * block_m * (d_pad + w_pad), dtype=torch.float32, device=x.device)
     kernel = _hash_rows_kernel if few else _hash_kernel  # tl.dot needs 16 rows
