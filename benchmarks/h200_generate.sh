@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU runs of the fast generate() path (see docs/BENCHMARKS.md). Phases run in the order given:
 #   stash     copy the first half of the real model's GGUF to /root/xfer (call 1 of ../shared/gpu-model.md)
-#   tests     GPU tests of the static path, kernels and hashers, and the fused hash kernel's tests on CUDA
+#   tests     GPU tests of the static path and hashers, and every kernel test of tests/test_kernels.py on CUDA
+#             (score_select's fused passes 2-3 run only there); the fused hash kernel's tests are the hash phase
 #   llama128  Llama-3-8B shape, 128K x 6 (hf-static, dense, SimHash, learned-hash shape)
 #   llama512  Llama-3-8B shape, 512K x 1 (dense, SimHash, learned-hash shape)
 #   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
@@ -30,8 +31,8 @@ for phase in "$@"; do
   tests)
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static.py tests/test_kernels.py tests/test_hasher.py 2>&1 | tail -n 15
-      python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 15  # compiled on CUDA here
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static.py tests/test_hasher.py 2>&1 | tail -n 15
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15  # compiled on CUDA here
     } 2>&1 | tee "$log" ;;
   llama128)
     bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp --baselines "${LLAMA_BASELINES:-hf-static,dense}" \

@@ -34,12 +34,16 @@ from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton
 T = 524288
 SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
     dict(),
-    dict(split_interior=False),  # the score pass with per-key masks on every block (the default before)
+    dict(fuse_tail=False, emit_tokens=4096, emit_warps=8),  # three launches, the default before
+    dict(fuse_tail=False),
+    dict(fuse_tail=False, emit_tokens=2048),
+    dict(fuse_tail=False, emit_tokens=1024, emit_warps=4),
+    dict(emit_tokens=1024, emit_warps=8),
+    dict(emit_tokens=1024, emit_warps=4),
+    dict(emit_tokens=2048, emit_warps=4),
+    dict(emit_tokens=4096, emit_warps=8),  # 125 registers: 2 programs per SM, so it fuses only small grids
+    dict(emit_tokens=1024, emit_warps=4, refine_tokens=512),
     dict(coarse_bins=32),
-    dict(coarse_bins=32, score_warps=8),
-    dict(score_warps=8),
-    dict(block_tokens=512),
-    dict(programs_per_sm=8),
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),

@@ -146,6 +146,47 @@ def test_score_select_single_chunk_and_many_chunks_agree():
         check_select(2, 2, 3, 96, 2000, "left", Budget(0.05, 4, 2, 8), seed=7, block_tokens=128, max_chunks=chunks)
 
 
+@pytest.mark.parametrize("b, hkv, group", [(1, 2, 1), (3, 2, 4), (2, 1, 3)])
+def test_score_select_reads_grouped_query_codes_in_place(b, hkv, group):
+    """Query codes as one hash pass leaves them (hasher.step_codes(grouped=True)): [B, Hkv, G, W], a
+    strided view of a [B, Hkv, G + 1, W] buffer whose last row is the new key's. Same picks as the
+    per-head [B, Hq, 1, W] codes, through the kernel and through the op's reference."""
+    g = torch.Generator().manual_seed(group)
+    bits, t, budget = 96, 777, Budget(0.05, 3, 2, 5)
+    both = random_codes((b, hkv, group + 1), bits, g)  # [B, Hkv, G + 1, W]
+    grouped = both[:, :, :group]
+    per_head = grouped.reshape(b, hkv * group, 1, -1)
+    k = random_codes((b, hkv, t), bits, g)
+    valid = key_valid_for(b, t, "left")
+    expected = score_select_reference(per_head, k, valid, budget, bits)
+    assert torch.equal(score_select_reference(grouped, k, valid, budget, bits), expected)
+    plan = plan_select(valid.to(DEVICE), budget)
+    got = _score_select_triton(grouped.to(DEVICE), k.to(DEVICE), plan, bits, block_tokens=128, max_chunks=4).cpu()
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="fit neither"):
+        score_select_reference(random_codes((b, hkv + 1, 2), bits, g), k, valid, budget, bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the fused passes 2 and 3 run on a GPU only (programs wait for each other)")
+@pytest.mark.parametrize("launch", [dict(), dict(block_tokens=128, max_chunks=64), dict(emit_tokens=1024, emit_warps=4)])
+def test_score_select_fused_tail_equals_separate_passes(launch):
+    from spotlight_attn.kernels.score_select import _refine_emit_kernel  # noqa: F401  (the kernel under test)
+
+    g = torch.Generator().manual_seed(3)
+    b, hkv, group, bits, t = 3, 2, 4, 128, 70001
+    q = random_codes((b, hkv * group, 1), bits, g)
+    k = random_codes((b, hkv, t), bits, g, patterns=40)  # heavy ties across chunks
+    valid = key_valid_for(b, t, "left")
+    for budget in (Budget(0.02, 20, 4, 16), Budget(0.3, 0, 0, 0), Budget(1.0, 0, 0, 0)):
+        expected = score_select_reference(q, k, valid, budget, bits)
+        plan = plan_select(valid.to(DEVICE), budget)
+        fused = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, fuse_tail=True, **launch)
+        separate = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, fuse_tail=False, **launch)
+        assert torch.equal(fused.cpu(), expected) and torch.equal(separate.cpu(), expected)
+    assert _triton._RESIDENT and min(_triton._RESIDENT.values()) > 0  # the fused kernel did run
+
+
 def test_score_select_falls_back_when_valid_keys_have_holes():
     g = torch.Generator().manual_seed(0)
     q, k = random_codes((2, 4, 1), 64, g), random_codes((2, 2, 50), 64, g)

@@ -3,9 +3,9 @@
 - Prefill (query length > 1, eager): dense, causal, over each row's held keys (kernels/dense.py:
   flash varlen on CUDA, no [S, T] mask); the keys were hashed as the layer wrote them.
 - Decode (query length 1): a dense layer reads every held key (flash varlen with per-row lengths);
-  a hash layer hashes the query and the new key in one pass (writing the key's codes), builds its
-  selection plan on the device from the row lengths, selects
-  a fixed-width index buffer (score_select, -1 padding) and attends over it (sparse_decode). The
+  a hash layer hashes the query and the new key in one pass (writing the key's codes), selects
+  a fixed-width index buffer (score_select, -1 padding; the bounds come from the step's plan, made
+  once on the device at layer 0 from the row lengths) and attends over it (sparse_decode). The
   kernels are registered custom ops (kernels/ops.py), nothing reads the device from the host, and
   every shape is fixed by the cache: the step compiles with fullgraph=True and replays as a CUDA graph.
 """
@@ -30,36 +30,41 @@ def static_attention(installed, cache, layer, query: torch.Tensor, scaling: floa
     config = installed.config
     budget = config.budget_spec
     if layer.layer_idx == 0:
-        _count_step(cache, layer, budget)
+        _plan_step(cache, layer, budget)
     if layer.key_hasher is None:  # a dense layer, or method dense
         out = ops.dense_decode_op(query, layer.k_by_token, layer.v_by_token, layer.lengths, layer.cu_k, scaling)
         return out.transpose(1, 2)
     hasher = installed.selector.hasher
     use_kernel = 0 if config.force_reference else -1
-    k_rows = device_tokens_for(layer.lengths, budget)  # [B]
-    bounds = torch.stack([torch.zeros_like(k_rows), layer.lengths, k_rows], dim=1).to(torch.int32)  # [B, 3]
     if layer.defers_codes(1):  # the new key's codes come with the query's, from one pass of the hash
-        query_codes, key_codes = hasher.step_codes(layer.layer_idx, query, layer.newest_keys())
+        query_codes, key_codes = hasher.step_codes(layer.layer_idx, query, layer.newest_keys(), grouped=True)
         layer.write_newest_codes(key_codes)
     else:
         query_codes = hasher.query_codes(layer.layer_idx, query)  # [B, Hq, 1, W]
     indices = ops.score_select_op(
-        query_codes, layer.codes, bounds, cache.k, hasher.bits, budget.sink, budget.window, use_kernel
-    )  # [B, Hkv, k]
+        query_codes, layer.codes, cache.layers[0].bounds, cache.k, hasher.bits, budget.sink, budget.window, use_kernel
+    )  # [B, Hkv, k]; query codes [B, Hq, 1, W] or, from step_codes, [B, Hkv, G, W], read in place
     keys, values = layer.k_by_token.transpose(1, 2), layer.v_by_token.transpose(1, 2)  # [B, Hkv, T, D] (see update)
     out = ops.sparse_decode_op(query, keys, values, indices, scaling, use_kernel)  # [B, Hq, 1, D]
     return out.transpose(1, 2)
 
 
-def _count_step(cache, layer, budget) -> None:
-    """Keys read and held by one decode step over every layer, counted once, at layer 0 (after its
-    update): every layer holds the same keys; a hash layer reads device_tokens_for of them, a dense
-    layer all. Counted per layer instead, the sums cost two reductions per layer per step."""
+def _plan_step(cache, layer, budget) -> None:
+    """What every layer of a decode step shares, made once, at layer 0 (after its update; every layer
+    holds the same keys):
+    - the selection bounds (start 0, end = lengths, keys to read) into layer 0's `bounds`, which
+      every hash layer passes to score_select;
+    - the keys read and held over all layers, added to cache.read / cache.cached: a hash layer reads
+      device_tokens_for of the held keys, a dense layer all.
+    Made per layer instead, these cost a launch and two reductions per layer per step."""
     hkv = layer.k_by_token.shape[2]
-    held = layer.lengths.sum() * hkv
+    lengths = layer.lengths
+    held = lengths.sum() * hkv
     n_layers, n_hash = len(cache.layers), cache.hash_layers
     read = held * (n_layers - n_hash)
     if n_hash:
-        read = read + device_tokens_for(layer.lengths, budget).sum() * hkv * n_hash
+        k_rows = device_tokens_for(lengths, budget)  # [B]
+        layer.bounds.copy_(torch.stack([torch.zeros_like(k_rows), lengths, k_rows], dim=1))
+        read = read + k_rows.sum() * hkv * n_hash
     cache.read.add_(read)
     cache.cached.add_(held * n_layers)

@@ -17,6 +17,11 @@ Per layer:
   cumsum, so a token's RoPE position is its packed index.
 - seen: 0-d int64, columns processed (padding included), what get_seq_length reports (transformers'
   StaticLayer does the same).
+  Both are views of one buffer, counts [B + 1] (lengths then seen), so a decode step, which adds 1
+  to each, updates them in one launch.
+- bounds [B, 3] int32: the current decode step's selection bounds (kernels/score_select.py's plan:
+  start 0, end lengths[b], keys to read). static_attention writes layer 0's once per step and every
+  hash layer reads it: after their writes, all layers hold the same lengths.
 A decode step (one new token per row) writes at lengths[b] and adds 1: fixed shapes and no host
 read, so the whole step compiles and is captured in a CUDA graph. The buffers are marked static
 addresses, as transformers marks its own, so CUDA graphs read them in place.
@@ -76,13 +81,24 @@ class SpotlightStaticLayer(CacheLayerMixin):
         self.keys, self.values = self.k_by_token.transpose(1, 2), self.v_by_token.transpose(1, 2)  # [B, Hkv, T, D]
         if self.key_hasher is not None:
             self.codes = torch.zeros(b, hkv, t, self.words, dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(b, dtype=torch.int64, device=device)
-        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.counts = torch.zeros(b + 1, dtype=torch.int64, device=device)  # lengths, then seen
+        self.bounds = torch.zeros(b, 3, dtype=torch.int32, device=device)
         self.rows = torch.arange(b, device=device)
         self.cu_k = torch.arange(b + 1, dtype=torch.int32, device=device) * t  # row starts in [B * T, Hkv, D]
-        _static(self.k_by_token, self.v_by_token, self.lengths, self.seen, self.rows, self.cu_k,
+        _static(self.k_by_token, self.v_by_token, self.counts, self.bounds, self.rows, self.cu_k,
                 *([self.codes] if self.codes is not None else []))
         self.is_initialized = True
+
+    # Views made at each use, not stored (see the end of update).
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] int64: keys held per row."""
+        return self.counts[:-1]
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """0-d int64: columns processed, padding included."""
+        return self.counts[-1]
 
     @property
     def batch_size(self) -> int:
@@ -116,8 +132,11 @@ class SpotlightStaticLayer(CacheLayerMixin):
         self.v_by_token[rows, slots] = v_new
         if codes_new is not None:
             self.codes.permute(0, 2, 1, 3)[rows, slots] = codes_new  # codes [B, Hkv, T, W] seen as [B, T, Hkv, W]
-        self.lengths.add_(added)
-        self.seen.add_(s)
+        if valid is None:
+            self.counts.add_(s)  # lengths and seen in one launch
+        else:
+            self.lengths.add_(added)
+            self.seen.add_(s)
         # Views made here, not the stored ones: inside a compiled step a stored view would enter the graph
         # as an input aliasing a mutated buffer, which makes torch.compile skip CUDA graphs.
         return self.k_by_token.transpose(1, 2), self.v_by_token.transpose(1, 2)
@@ -150,18 +169,17 @@ class SpotlightStaticLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.is_initialized:
-            self.lengths.zero_()
-            self.seen.zero_()
+            self.counts.zero_()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last -tokens_to_remove tokens of every row (a negative count, as transformers' static layers take)."""
         if tokens_to_remove > 0:
             raise SpotlightError("the static cache crops by a negative count: the number of tokens to remove")
         if self.is_initialized and tokens_to_remove:  # crop(0), which the deferred stop check calls every step: no launch
-            self.lengths.sub_(-tokens_to_remove).clamp_(min=0)
-            self.seen.sub_(-tokens_to_remove).clamp_(min=0)
+            self.counts.sub_(-tokens_to_remove).clamp_(min=0)
 
     def _buffers(self) -> list[torch.Tensor]:
+        # lengths, not seen: beams reorder rows, and every row has seen the same columns
         return [self.k_by_token, self.v_by_token, self.lengths] + ([self.codes] if self.codes is not None else [])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -153,19 +153,30 @@ class _HasherBase(nn.Module):
             bank, x, unfold = self._query_input(layer, queries)
             return unfold(_codes(bank, x))
 
-    def step_codes(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_codes(
+        self, layer: int, queries: torch.Tensor, keys: torch.Tensor, *, grouped: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's codes: queries [B, Hq, S, D] and the step's new keys [B, Hkv, S_k, D] ->
         (query codes [B, Hq, S, W], key codes [B, Hkv, S_k, W]). With a shared hash, one pass of the
-        bank over both (half the launches of two calls); the same codes as query_codes and key_codes."""
+        bank over both (half the launches of two calls); the same codes as query_codes and key_codes.
+
+        grouped: query codes as [B, Hkv, G * S, W] (KV head h's query heads h * G .. h * G + G - 1, each
+        S rows), a view of the pass's output rather than a copy; score_select reads that form in place.
+        """
         if self.placement is Placement.ASYMMETRIC:
-            return self.query_codes(layer, queries), self.key_codes(layer, keys)
+            query_codes = self.query_codes(layer, queries)
+            if grouped:
+                b, hq, s, w = query_codes.shape
+                query_codes = query_codes.reshape(b, keys.shape[1], (hq // keys.shape[1]) * s, w)
+            return query_codes, self.key_codes(layer, keys)
         b, hq, s, d = queries.shape
         hkv = keys.shape[1]
         rows = (hq // hkv) * s
         with torch.no_grad():
             both = torch.cat([queries.reshape(b, hkv, rows, d), keys.to(queries.dtype)], dim=2)  # [B, Hkv, G*S + S_k, D]
             codes = _codes(self._bank("k", layer), both)
-        return codes[:, :, :rows].reshape(b, hq, s, -1), codes[:, :, rows:]
+        query_codes = codes[:, :, :rows]
+        return (query_codes if grouped else query_codes.reshape(b, hq, s, -1)), codes[:, :, rows:]
 
     def shard(self, rank: int, world: int) -> "_HasherBase":
         """A copy holding the hashes of tensor-parallel rank `rank` of `world`: its contiguous share of

@@ -106,6 +106,37 @@ def num_programs_target(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_programs(kernel, args: tuple, meta: dict, device: torch.device) -> int:
+    """How many programs of `kernel` compiled for these arguments the GPU holds at once (0 if unknown).
+
+    A kernel whose programs wait for each other may only launch a grid this size or smaller. From the
+    compiled kernel's registers, warps and shared memory against the multiprocessor's limits (CUDA's
+    occupancy rules: registers granted per warp in units of 256, 1 KB of shared memory reserved per
+    program); Triton's compiled-kernel attributes are the one version-specific detail."""
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        key = (compiled.hash, device.index)
+        if key not in _RESIDENT:
+            compiled.run  # loads the binary, which fills in n_regs  # noqa: B018
+            props = torch.cuda.get_device_properties(device)
+            warps = compiled.metadata.num_warps
+            regs = -(-max(compiled.n_regs, 1) // 8) * 8 * 32 * warps
+            per_sm = min(
+                getattr(props, "regs_per_multiprocessor", 65536) // regs,
+                props.max_threads_per_multi_processor // (32 * warps),
+                getattr(props, "shared_memory_per_multiprocessor", 233472) // (compiled.metadata.shared + 1024),
+                32,
+            )
+            _RESIDENT[key] = per_sm * props.multi_processor_count
+        return _RESIDENT[key]
+    except Exception:  # an unknown Triton or driver: do not rely on residency
+        return 0
+
+
 # Completion counters for the "last program finishes the row" pattern. Every kernel that uses them
 # leaves them at zero, so one zeroed ring per device serves all launches; each launch takes the next
 # slice, so launches in flight on different streams do not share counters.

@@ -35,12 +35,13 @@ def score_select_op(
     query_codes: torch.Tensor, key_codes: torch.Tensor, bounds: torch.Tensor, k: int, bits: int, sink: int, window: int,
     use_kernel: int = -1,
 ) -> torch.Tensor:
-    """query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32, bounds [B, 3] int32 (valid run start,
-    end, keys to read: kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails."""
-    from spotlight_attn.kernels.score_select import SelectPlan, _score_select_triton, kernel_serves
+    """query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (read in place: any strides but the
+    last), key_codes [B, Hkv, T, W] int32, bounds [B, 3] int32 (valid run start, end, keys to read:
+    kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails."""
+    from spotlight_attn.kernels.score_select import SelectPlan, _score_select_triton, kernel_serves, query_group
 
     budget = Budget(0, min_tokens=0, sink=sink, window=window)
-    group = query_codes.shape[1] // key_codes.shape[1]
+    group = query_group(query_codes, key_codes.shape[1])
     if _use((query_codes, key_codes, bounds), use_kernel) and kernel_serves(group, bits):
         plan = SelectPlan(budget, k, (k,) * bounds.shape[0], bounds, True)
         return _score_select_triton(query_codes, key_codes, plan, bits)

@@ -43,11 +43,30 @@ FORCED = 32767  # 16-bit score marking a sink/window key; padding keys hold -1
 MAX_CHUNKS = 64  # chunks per row, so one program can reduce every chunk's counts
 
 
+def query_group(query_codes: torch.Tensor, num_kv_heads: int) -> int:
+    """Query heads per KV head, G, of query codes given per head [B, Hq, 1, W] or grouped [B, Hkv, G, W].
+
+    The grouped form is what one hash pass over a KV head's queries and new key leaves
+    (hasher.step_codes(grouped=True)); the kernels read it in place, without a copy. The two forms
+    hold the same element order, and for G = 1 they are the same shape.
+    """
+    rows, per_row = query_codes.shape[1], query_codes.shape[2]
+    if per_row == 1 and rows % num_kv_heads == 0:
+        return rows // num_kv_heads
+    if rows == num_kv_heads:
+        return per_row
+    raise ValueError(
+        f"query codes of shape {tuple(query_codes.shape)} fit neither [B, Hq, 1, W] nor [B, Hkv, G, W] "
+        f"for {num_kv_heads} KV heads"
+    )
+
+
 def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32 -> scores [B, Hkv, T] int32."""
-    b, hq, _, w = query_codes.shape
+    """query_codes [B, Hq, 1, W] (or grouped [B, Hkv, G, W]) int32, key_codes [B, Hkv, T, W] int32
+    -> scores [B, Hkv, T] int32."""
+    b, w = query_codes.shape[0], query_codes.shape[-1]
     hkv = key_codes.shape[1]
-    group = hq // hkv
+    group = query_group(query_codes, hkv)
     q = query_codes.reshape(b, hkv, group, 1, w)  # [B, Hkv, G, 1, W]
     differing = popcount(torch.bitwise_xor(q, key_codes[:, :, None]))  # [B, Hkv, G, T]
     return (group * bits - differing.sum(2)).to(torch.int32)  # [B, Hkv, T]
@@ -186,7 +205,7 @@ def _score_block_masked(
 @_triton.kernel
 def _score_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kh,
+    stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
@@ -210,7 +229,7 @@ def _score_kernel(
     g = tl.arange(0, G_PAD)
     word = tl.arange(0, W_PAD)
     bit = tl.arange(0, 32)
-    q_off = b.to(tl.int64) * stride_qb + (h * G + g[:, None]) * stride_qh + word[None, :]
+    q_off = b.to(tl.int64) * stride_qb + h * stride_qk + g[:, None] * stride_qg + word[None, :]
     q = tl.load(q_ptr + q_off, mask=(g[:, None] < G) & (word[None, :] < W), other=0)  # [G_PAD, W_PAD]
     n1 = _sum((q[:, :, None] >> bit[None, None, :]) & 1, axis=0)  # [W_PAD, 32]
     d = 2 * n1 - G
@@ -308,26 +327,15 @@ def _score_kernel(
 
 
 @_triton.kernel
-def _refine_kernel(
-    score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, counter_ptr,
-    T, score_stride, n_chunks, chunk_tokens,
-    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
-    FORCED: tl.constexpr,
+def _refine_counts(
+    score_row, state_ptr, row, t0, stop,
+    SHIFT: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr, FORCED: tl.constexpr,
 ):
-    """Pass 2 for chunk program_id(0) of row program_id(1): exact counts inside the threshold bucket.
-
-    Writes fine[row, chunk, FB]; the row's last chunk writes state[row, 2] = threshold x (FORCED - 1
-    when nothing is picked by score) and emit[row, chunk, 0:2] = (output offset, tied keys to skip).
-    """
-    chunk = tl.program_id(0)
-    row = tl.program_id(1)
+    """Pass 2's counting: the keys of [t0, stop) whose scores fall inside the row's threshold bucket,
+    per exact score -> fine [FB]."""
     bucket = tl.load(state_ptr + row * 4)
-    need = tl.load(state_ptr + row * 4 + 1)
     fine_bins = tl.arange(0, FB)
     fine = tl.full([FB], 0, tl.int32)
-    score_row = score_ptr + row.to(tl.int64) * score_stride
-    t0 = chunk * chunk_tokens
-    stop = tl.minimum(t0 + chunk_tokens, T)
     lo = bucket << SHIFT  # the bucket's scores are [lo, hi); padding (-1) and FORCED fall outside
     hi = tl.minimum((bucket + 1) << SHIFT, FORCED)
     # PACKED (FB <= 16): each key adds 1 to an 8-bit field of one of FB/4 int32 counters, kept per key
@@ -365,48 +373,77 @@ def _refine_kernel(
                 fine += tl.where(fine_bins == 8 + field, _sum((acc2 >> (8 * field)) & 0xFF, axis=0), 0)
             if FB > 12:
                 fine += tl.where(fine_bins == 12 + field, _sum((acc3 >> (8 * field)) & 0xFF, axis=0), 0)
-    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + fine_bins, fine)
+    return fine
 
+
+@_triton.kernel
+def _refine_reduce(
+    fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks,
+    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, FORCED: tl.constexpr,
+):
+    """Pass 2's end, run by the row's last chunk: from every chunk's fine counts, the threshold score
+    (state[row, 2]) and each chunk's output offset and tied keys to skip (emit[row, chunk, 0:2])."""
+    bucket = tl.load(state_ptr + row * 4, cache_modifier=".cg")
+    need = tl.load(state_ptr + row * 4 + 1, cache_modifier=".cg")
+    fine_bins = tl.arange(0, FB)
+    c = tl.arange(0, MAXC)
+    c_ok = c < n_chunks
+    counts = tl.load(
+        fine_ptr + (row * n_chunks + c[:, None]) * FB + fine_bins[None, :], mask=c_ok[:, None], other=0,
+        cache_modifier=".cg",
+    )  # [MAXC, FB]
+    base = tl.load(base_ptr + row * n_chunks + c, mask=c_ok, other=0, cache_modifier=".cg")
+    total = _sum(counts, axis=0)
+    at_least = _sum(total, axis=0) - _cumsum(total, axis=0) + total
+    level = _max(tl.where(at_least >= need, fine_bins, -1), axis=0)  # need == 0: takes nothing
+    above = _sum(tl.where(fine_bins[None, :] > level, counts, 0), axis=1)  # [MAXC]
+    tied = _sum(tl.where(fine_bins[None, :] == level, counts, 0), axis=1)  # [MAXC]
+    ties_taken = need - _sum(above, axis=0)
+    later = _sum(tied, axis=0) - _cumsum(tied, axis=0)  # tied keys in later chunks
+    take = tl.minimum(tl.maximum(ties_taken - later, 0), tied)  # the most recent ties win
+    picked = base + above + take
+    tl.store(emit_ptr + (row * n_chunks + c) * 2, _cumsum(picked, axis=0) - picked, mask=c_ok)
+    tl.store(emit_ptr + (row * n_chunks + c) * 2 + 1, tied - take, mask=c_ok)
+    threshold = tl.where(need > 0, (bucket << SHIFT) + level, FORCED - 1)  # FORCED - 1: no score is that high
+    tl.store(state_ptr + row * 4 + 2, threshold)
+
+
+@_triton.kernel
+def _refine_kernel(
+    score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, counter_ptr,
+    T, score_stride, n_chunks, chunk_tokens,
+    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
+    FORCED: tl.constexpr,
+):
+    """Pass 2 for chunk program_id(0) of row program_id(1): exact counts inside the threshold bucket.
+
+    Writes fine[row, chunk, FB]; the row's last chunk writes state[row, 2] = threshold x (FORCED - 1
+    when nothing is picked by score) and emit[row, chunk, 0:2] = (output offset, tied keys to skip).
+    """
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    t0 = chunk * chunk_tokens
+    score_row = score_ptr + row.to(tl.int64) * score_stride
+    fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), SHIFT, FB, BT, PACKED, FORCED)
+    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
-        c = tl.arange(0, MAXC)
-        c_ok = c < n_chunks
-        counts = tl.load(
-            fine_ptr + (row * n_chunks + c[:, None]) * FB + fine_bins[None, :], mask=c_ok[:, None], other=0,
-            cache_modifier=".cg",
-        )  # [MAXC, FB]
-        base = tl.load(base_ptr + row * n_chunks + c, mask=c_ok, other=0, cache_modifier=".cg")
-        total = _sum(counts, axis=0)
-        at_least = _sum(total, axis=0) - _cumsum(total, axis=0) + total
-        level = _max(tl.where(at_least >= need, fine_bins, -1), axis=0)  # need == 0: takes nothing
-        above = _sum(tl.where(fine_bins[None, :] > level, counts, 0), axis=1)  # [MAXC]
-        tied = _sum(tl.where(fine_bins[None, :] == level, counts, 0), axis=1)  # [MAXC]
-        ties_taken = need - _sum(above, axis=0)
-        later = _sum(tied, axis=0) - _cumsum(tied, axis=0)  # tied keys in later chunks
-        take = tl.minimum(tl.maximum(ties_taken - later, 0), tied)  # the most recent ties win
-        picked = base + above + take
-        tl.store(emit_ptr + (row * n_chunks + c) * 2, _cumsum(picked, axis=0) - picked, mask=c_ok)
-        tl.store(emit_ptr + (row * n_chunks + c) * 2 + 1, tied - take, mask=c_ok)
-        threshold = tl.where(need > 0, (bucket << SHIFT) + level, FORCED - 1)  # FORCED - 1: no score is that high
-        tl.store(state_ptr + row * 4 + 2, threshold)
+        _refine_reduce(fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks, SHIFT, FB, MAXC, FORCED)
         tl.atomic_xchg(counter_ptr + row, 0)
 
 
 @_triton.kernel
-def _emit_kernel(
-    score_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr,
-    num_kv_heads, T, score_stride, k, chunk_tokens, n_chunks,
+def _emit_chunk(
+    score_row, out_row, state_ptr, emit_ptr, bounds_ptr, row, chunk,
+    num_kv_heads, T, k, chunk_tokens, n_chunks,
     BT: tl.constexpr, FORCED: tl.constexpr,
 ):
-    """Pass 3 for chunk program_id(0) of row program_id(1): out[row, :] gets the chunk's picked positions
-    (int64) at its offset, in position order; chunk 0 also fills the row's unused tail with -1."""
-    chunk = tl.program_id(0)
-    row = tl.program_id(1)
-    threshold = tl.load(state_ptr + row * 4 + 2)
-    offset = tl.load(emit_ptr + (row * n_chunks + chunk) * 2)
-    skip = tl.load(emit_ptr + (row * n_chunks + chunk) * 2 + 1)  # the chunk's first `skip` ties stay out
-    score_row = score_ptr + row.to(tl.int64) * score_stride
-    out_row = out_ptr + row.to(tl.int64) * k
+    """Pass 3 for one chunk: out_row gets the chunk's picked positions (int64) at its offset, in
+    position order; chunk 0 also fills the row's unused tail with -1. The row's threshold and the
+    chunk's offset are read from L2 (.cg): in the fused kernel another program wrote them just now."""
+    threshold = tl.load(state_ptr + row * 4 + 2, cache_modifier=".cg")
+    offset = tl.load(emit_ptr + (row * n_chunks + chunk) * 2, cache_modifier=".cg")
+    skip = tl.load(emit_ptr + (row * n_chunks + chunk) * 2 + 1, cache_modifier=".cg")  # the chunk's first `skip` ties stay out
     ties_seen = tl.full([], 0, tl.int32)
     t0 = chunk * chunk_tokens
     stop = tl.minimum(t0 + chunk_tokens, T)
@@ -439,6 +476,61 @@ def _emit_kernel(
             tl.store(out_row + slot, tl.full([BT], -1, tl.int64), mask=slot < k)
 
 
+@_triton.kernel
+def _emit_kernel(
+    score_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr,
+    num_kv_heads, T, score_stride, k, chunk_tokens, n_chunks,
+    BT: tl.constexpr, FORCED: tl.constexpr,
+):
+    """Pass 3 for chunk program_id(0) of row program_id(1) (_emit_chunk)."""
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    _emit_chunk(
+        score_ptr + row.to(tl.int64) * score_stride, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
+        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT, FORCED,
+    )
+
+
+@_triton.kernel
+def _refine_emit_kernel(
+    score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr, counter_ptr,
+    num_kv_heads, T, score_stride, k, n_chunks, chunk_tokens,
+    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT_REFINE: tl.constexpr, BT: tl.constexpr,
+    PACKED: tl.constexpr, FORCED: tl.constexpr,
+):
+    """Passes 2 and 3 in one launch (CUDA only; the launcher checks that every program is resident).
+
+    A row's chunks count (pass 2), the last to arrive finds the threshold and offsets and raises the
+    row's flag, the others wait for it, then every chunk emits (pass 3) from the scores it has just
+    read, now in L2. The last chunk to leave lowers the flag: the counters end at zero.
+    Counters per row: arrivals, flag, departures.
+    """
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    t0 = chunk * chunk_tokens
+    score_row = score_ptr + row.to(tl.int64) * score_stride
+    fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), SHIFT, FB, BT_REFINE, PACKED, FORCED)
+    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
+    arrivals = counter_ptr + row * 3
+    tl.debug_barrier()
+    if tl.atomic_add(arrivals, 1, sem="acq_rel") == n_chunks - 1:
+        _refine_reduce(fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks, SHIFT, FB, MAXC, FORCED)
+        tl.atomic_xchg(arrivals, 0)
+        tl.debug_barrier()  # every thread's stores before the release
+        tl.atomic_xchg(arrivals + 1, 1, sem="release")
+    else:
+        while tl.atomic_add(arrivals + 1, 0, sem="acquire") == 0:
+            pass
+    _emit_chunk(
+        score_row, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
+        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT, FORCED,
+    )
+    tl.debug_barrier()
+    if tl.atomic_add(arrivals + 2, 1, sem="acq_rel") == n_chunks - 1:  # every chunk is past the wait
+        tl.atomic_xchg(arrivals + 1, 0)
+        tl.atomic_xchg(arrivals + 2, 0)
+
+
 def _score_select_triton(
     query_codes: torch.Tensor,
     key_codes: torch.Tensor,
@@ -446,7 +538,10 @@ def _score_select_triton(
     bits: int,
     *,
     block_tokens: int | None = None,
-    emit_tokens: int = 4096,
+    emit_tokens: int = 1024,  # 56 registers fused at 8 warps: 4 programs per SM (4096-wide: 125, 2 per SM)
+    emit_warps: int = 8,
+    refine_tokens: int = 2048,
+    refine_warps: int = 8,
     max_chunks: int = MAX_CHUNKS,
     programs_per_sm: int = 4,
     score_warps: int = 4,
@@ -454,21 +549,32 @@ def _score_select_triton(
     coarse_bins: int = COARSE_BINS,
     score_maxnreg: int | None = None,
     split_interior: bool = True,
+    fuse_tail: bool = True,
 ) -> torch.Tensor:
-    """Launcher: query_codes [B, Hq, 1, W] int32, key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
+    """Launcher: query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (any strides but the last),
+    key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
     int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
-    program (tests shrink them to cover many chunks on small inputs; benchmarks tune them)."""
+    program (tests shrink them to cover many chunks on small inputs; benchmarks tune them).
+
+    fuse_tail: passes 2 and 3 in one launch (_refine_emit_kernel) where that is safe: on a GPU, not
+    in the interpreter (its programs run one after another, so one could never wait for another), and
+    when the device holds every program of the launch at once (a program waits for its row's others)."""
     _triton.bind(globals())
-    b, hq, _, w = query_codes.shape
+    b, w = query_codes.shape[0], query_codes.shape[-1]
     hkv, t = key_codes.shape[1], key_codes.shape[2]
-    group = hq // hkv
+    group = query_group(query_codes, hkv)
     device = key_codes.device
     out = torch.empty(b, hkv, plan.k, dtype=torch.int64, device=device)
     if plan.k == 0 or b == 0:
         return out
     if key_codes.stride(-1) != 1 or key_codes.stride(-2) != w:
         key_codes = key_codes.contiguous()
-    query_codes = query_codes.contiguous()
+    if query_codes.stride(-1) != 1:
+        query_codes = query_codes.contiguous()
+    if query_codes.shape[2] == 1:  # per head [B, Hq, 1, W]: head h * G + g
+        stride_qk, stride_qg = group * query_codes.stride(1), query_codes.stride(1)
+    else:  # grouped [B, Hkv, G, W], read in place
+        stride_qk, stride_qg = query_codes.stride(1), query_codes.stride(2)
 
     par = 1 if group % 2 == 0 else 0
     x_max = bits * (group >> par)
@@ -506,22 +612,30 @@ def _score_select_triton(
     grid = (chunks, rows)
     _score_kernel[grid](
         query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
-        query_codes.stride(0), query_codes.stride(1), key_codes.stride(0), key_codes.stride(1),
+        query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1),
         hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks,
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
         HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
-    bt_refine = min(bt_emit, 2048)
+    bt_refine = min(bt_emit, refine_tokens)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
+    if fuse_tail and device.type == "cuda" and not _triton.interpreting():
+        args = (scores, fine, base, state, emit, plan.bounds, out, _triton.zeroed_counters(device, 3 * rows),
+                hkv, t, t_stride, plan.k, chunks, chunk_tokens)
+        meta = dict(SHIFT=shift, FB=fine_bins, MAXC=maxc, BT_REFINE=bt_refine, BT=bt_emit, PACKED=packed, FORCED=FORCED,
+                    num_warps=emit_warps)
+        if chunks * rows <= _triton.resident_programs(_refine_emit_kernel, args, meta, device):
+            _refine_emit_kernel[grid](*args, **meta)
+            return out
     _refine_kernel[grid](
         scores, fine, base, state, emit, counters, t, t_stride, chunks, chunk_tokens,
-        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, num_warps=8,
+        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, num_warps=refine_warps,
     )
     _emit_kernel[grid](
         scores, state, emit, plan.bounds, out, hkv, t, t_stride, plan.k, chunk_tokens, chunks,
-        BT=bt_emit, FORCED=FORCED, num_warps=8,
+        BT=bt_emit, FORCED=FORCED, num_warps=emit_warps,
     )
     return out
 
@@ -551,7 +665,7 @@ def score_select(
     """
     if not _triton.use_kernel((query_codes, key_codes, key_valid), use_kernel, force_reference):
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
-    if not kernel_serves(query_codes.shape[1] // key_codes.shape[1], bits):
+    if not kernel_serves(query_group(query_codes, key_codes.shape[1]), bits):
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
     plan = plan if plan is not None else plan_select(key_valid, budget)
     if plan.budget != budget:
