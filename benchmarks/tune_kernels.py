@@ -33,16 +33,16 @@ from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton
 
 T = 524288
 SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
-    dict(),
-    dict(fuse_tail=False, emit_tokens=4096, emit_warps=8),  # three launches, the default before
-    dict(fuse_tail=False),
-    dict(fuse_tail=False, emit_tokens=2048),
-    dict(fuse_tail=False, emit_tokens=1024, emit_warps=4),
-    dict(emit_tokens=1024, emit_warps=8),
-    dict(emit_tokens=1024, emit_warps=4),
-    dict(emit_tokens=2048, emit_warps=4),
-    dict(emit_tokens=4096, emit_warps=8),  # 125 registers: 2 programs per SM, so it fuses only small grids
-    dict(emit_tokens=1024, emit_warps=4, refine_tokens=512),
+    dict(),  # fuse="all": one launch
+    dict(fuse="none", emit_tokens=4096),  # three launches, the default before
+    dict(fuse="none"),
+    dict(fuse="none", emit_tokens=2048),
+    dict(fuse="tail"),
+    dict(fuse="tail", emit_warps=4),
+    dict(fuse="tail", emit_tokens=2048, emit_warps=4),
+    dict(emit_tokens=2048),
+    dict(refine_tokens=1024),
+    dict(score_warps=8),
     dict(coarse_bins=32),
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton

@@ -203,22 +203,16 @@ def _score_block_masked(
 
 
 @_triton.kernel
-def _score_kernel(
-    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
+def _score_chunk(
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
     stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
+    PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h.
-
-    Writes score[row, t] int16 (x, FORCED, or -1 for padding), hist[row, chunk, NBC] and
-    forced[row, chunk]; the row's last chunk writes base[row, chunk] (forced + keys above the
-    threshold bucket) and state[row, 0:2] = (threshold bucket, keys still needed from it).
-    """
-    chunk = tl.program_id(0)
-    row = tl.program_id(1)
+    """Pass 1's scoring of one chunk of row = b * Hkv + h: writes score[row, t] int16 (x, FORCED, or -1
+    for padding), hist[row, chunk, NBC] and forced[row, chunk]; returns the row's k_row."""
     b = row // num_kv_heads
     h = row % num_kv_heads
     start = tl.load(bounds_ptr + b * 3)
@@ -302,27 +296,55 @@ def _score_kernel(
     cells = (row * n_chunks + chunk) * NBC
     tl.store(hist_ptr + cells + tl.arange(0, NBC), hist)
     tl.store(forced_ptr + row * n_chunks + chunk, _sum(n_forced, axis=0))
+    return k_row
 
-    # The last chunk of the row to finish reduces every chunk's counts (release/acquire through the counter).
+
+@_triton.kernel
+def _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC: tl.constexpr, MAXC: tl.constexpr):
+    """Pass 1's end, run by the row's last chunk: from every chunk's histogram, the bucket holding the
+    row's k-th best score. Writes base[row, chunk] (forced + keys above the threshold bucket) and
+    state[row, 0:2] = (threshold bucket, keys still needed from it)."""
+    c = tl.arange(0, MAXC)
+    bins = tl.arange(0, NBC)
+    c_ok = c < n_chunks
+    counts = tl.load(
+        hist_ptr + (row * n_chunks + c[:, None]) * NBC + bins[None, :], mask=c_ok[:, None], other=0,
+        cache_modifier=".cg",
+    )  # [MAXC, NBC]
+    forced_c = tl.load(forced_ptr + row * n_chunks + c, mask=c_ok, other=0, cache_modifier=".cg")
+    need = k_row - _sum(forced_c, axis=0)  # keys to pick by score
+    total = _sum(counts, axis=0)  # [NBC]
+    at_least = _sum(total, axis=0) - _cumsum(total, axis=0) + total  # keys in bucket >= each bin
+    bucket = _max(tl.where(at_least >= need, bins, -1), axis=0)
+    bucket = tl.where(need > 0, bucket, NBC)  # NBC: nothing to pick by score
+    above = _sum(tl.where(bins[None, :] > bucket, counts, 0), axis=1)  # [MAXC]
+    tl.store(base_ptr + row * n_chunks + c, forced_c + above, mask=c_ok)
+    tl.store(state_ptr + row * 4, bucket)
+    tl.store(state_ptr + row * 4 + 1, need - _sum(above, axis=0))
+
+
+@_triton.kernel
+def _score_kernel(
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
+    stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+    num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
+    G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
+    BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h (_score_chunk); the row's last
+    chunk to finish reduces every chunk's counts (_score_reduce; release/acquire through the counter)."""
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    k_row = _score_chunk(
+        q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
+        stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+        num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
+        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT,
+    )
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
-        c = tl.arange(0, MAXC)
-        bins = tl.arange(0, NBC)
-        c_ok = c < n_chunks
-        counts = tl.load(
-            hist_ptr + (row * n_chunks + c[:, None]) * NBC + bins[None, :], mask=c_ok[:, None], other=0,
-            cache_modifier=".cg",
-        )  # [MAXC, NBC]
-        forced_c = tl.load(forced_ptr + row * n_chunks + c, mask=c_ok, other=0, cache_modifier=".cg")
-        need = k_row - _sum(forced_c, axis=0)  # keys to pick by score
-        total = _sum(counts, axis=0)  # [NBC]
-        at_least = _sum(total, axis=0) - _cumsum(total, axis=0) + total  # keys in bucket >= each bin
-        bucket = _max(tl.where(at_least >= need, bins, -1), axis=0)
-        bucket = tl.where(need > 0, bucket, NBC)  # NBC: nothing to pick by score
-        above = _sum(tl.where(bins[None, :] > bucket, counts, 0), axis=1)  # [MAXC]
-        tl.store(base_ptr + row * n_chunks + c, forced_c + above, mask=c_ok)
-        tl.store(state_ptr + row * 4, bucket)
-        tl.store(state_ptr + row * 4 + 1, need - _sum(above, axis=0))
+        _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC, MAXC)
         tl.atomic_xchg(counter_ptr + row, 0)
 
 
@@ -333,7 +355,7 @@ def _refine_counts(
 ):
     """Pass 2's counting: the keys of [t0, stop) whose scores fall inside the row's threshold bucket,
     per exact score -> fine [FB]."""
-    bucket = tl.load(state_ptr + row * 4)
+    bucket = tl.load(state_ptr + row * 4, cache_modifier=".cg")  # .cg: in the fused kernels, written just now
     fine_bins = tl.arange(0, FB)
     fine = tl.full([FB], 0, tl.int32)
     lo = bucket << SHIFT  # the bucket's scores are [lo, hi); padding (-1) and FORCED fall outside
@@ -531,6 +553,68 @@ def _refine_emit_kernel(
         tl.atomic_xchg(arrivals + 2, 0)
 
 
+@_triton.kernel
+def _select_kernel(
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, fine_ptr, emit_ptr, out_ptr,
+    counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+    num_kv_heads, T, score_stride, bits, sink, window, k, n_chunks, chunk_blocks,
+    G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
+    BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+    FB: tl.constexpr, BT_REFINE: tl.constexpr, BT_EMIT: tl.constexpr, PACKED: tl.constexpr,
+):
+    """All three passes in one launch (CUDA only, every program resident: see _refine_emit_kernel).
+
+    Each chunk scores, waits for its row's bucket, counts inside it from the scores it has just
+    written (in L2), waits for the threshold, emits. Counters per row: arrivals (reset by each
+    barrier's last arrival before it raises its flag, so the second barrier counts from zero),
+    flag 1, flag 2, departures; the last chunk to leave lowers both flags.
+    """
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    counters = counter_ptr + row * 4
+    k_row = _score_chunk(
+        q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
+        stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+        num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
+        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT,
+    )
+    tl.debug_barrier()
+    if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
+        _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC, MAXC)
+        tl.atomic_xchg(counters, 0)
+        tl.debug_barrier()  # every thread's stores before the release
+        tl.atomic_xchg(counters + 1, 1, sem="release")
+    else:
+        while tl.atomic_add(counters + 1, 0, sem="acquire") == 0:
+            pass
+
+    chunk_tokens = chunk_blocks * BT
+    t0 = chunk * chunk_tokens
+    score_row = score_ptr + row.to(tl.int64) * score_stride
+    fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), SHIFT, FB, BT_REFINE, PACKED, FORCED)
+    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
+    tl.debug_barrier()
+    if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
+        _refine_reduce(fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks, SHIFT, FB, MAXC, FORCED)
+        tl.atomic_xchg(counters, 0)
+        tl.debug_barrier()
+        tl.atomic_xchg(counters + 2, 1, sem="release")
+    else:
+        while tl.atomic_add(counters + 2, 0, sem="acquire") == 0:
+            pass
+
+    _emit_chunk(
+        score_row, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
+        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT_EMIT, FORCED,
+    )
+    tl.debug_barrier()
+    if tl.atomic_add(counters + 3, 1, sem="acq_rel") == n_chunks - 1:
+        tl.atomic_xchg(counters + 1, 0)
+        tl.atomic_xchg(counters + 2, 0)
+        tl.atomic_xchg(counters + 3, 0)
+
+
 def _score_select_triton(
     query_codes: torch.Tensor,
     key_codes: torch.Tensor,
@@ -549,16 +633,20 @@ def _score_select_triton(
     coarse_bins: int = COARSE_BINS,
     score_maxnreg: int | None = None,
     split_interior: bool = True,
-    fuse_tail: bool = True,
+    fuse: str = "all",
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (any strides but the last),
     key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
     int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
     program (tests shrink them to cover many chunks on small inputs; benchmarks tune them).
 
-    fuse_tail: passes 2 and 3 in one launch (_refine_emit_kernel) where that is safe: on a GPU, not
+    fuse: "all" runs the three passes in one launch (_select_kernel), "tail" passes 2 and 3
+    (_refine_emit_kernel), "none" three launches. Fusing is done only where it is safe: on a GPU, not
     in the interpreter (its programs run one after another, so one could never wait for another), and
-    when the device holds every program of the launch at once (a program waits for its row's others)."""
+    when the device holds every program of the launch at once (a program waits for its row's others);
+    elsewhere the passes run as separate launches, with the same results."""
+    if fuse not in ("all", "tail", "none"):
+        raise ValueError(f"fuse must be 'all', 'tail' or 'none', not {fuse!r}")
     _triton.bind(globals())
     b, w = query_codes.shape[0], query_codes.shape[-1]
     hkv, t = key_codes.shape[1], key_codes.shape[2]
@@ -607,21 +695,32 @@ def _score_select_triton(
     fine = torch.empty(rows, chunks, fine_bins, **i32)
     emit = torch.empty(rows, chunks, 2, **i32)
     state = torch.empty(rows, 4, **i32)
-    counters = _triton.zeroed_counters(device, rows)
     budget = plan.budget
     grid = (chunks, rows)
-    _score_kernel[grid](
-        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
-        query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1),
-        hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks,
+    gpu = device.type == "cuda" and not _triton.interpreting()
+    score_meta = dict(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
-        HW_POPC=device.type == "cuda" and not _triton.interpreting(), FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior,
+        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
+    strides = (query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1))
     bt_refine = min(bt_emit, refine_tokens)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
-    if fuse_tail and device.type == "cuda" and not _triton.interpreting():
+    if fuse == "all" and gpu:
+        args = (query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, fine, emit, out,
+                _triton.zeroed_counters(device, 4 * rows), *strides,
+                hkv, t, t_stride, bits, budget.sink, budget.window, plan.k, chunks, chunk_blocks)
+        meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed)
+        if chunks * rows <= _triton.resident_programs(_select_kernel, args, meta, device):
+            _select_kernel[grid](*args, **meta)
+            return out
+    counters = _triton.zeroed_counters(device, rows)  # passes 1 and 2 each leave them at zero
+    _score_kernel[grid](
+        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
+        *strides, hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks, **score_meta,
+    )
+    if fuse in ("all", "tail") and gpu:
         args = (scores, fine, base, state, emit, plan.bounds, out, _triton.zeroed_counters(device, 3 * rows),
                 hkv, t, t_stride, plan.k, chunks, chunk_tokens)
         meta = dict(SHIFT=shift, FB=fine_bins, MAXC=maxc, BT_REFINE=bt_refine, BT=bt_emit, PACKED=packed, FORCED=FORCED,
