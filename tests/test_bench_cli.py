@@ -82,3 +82,15 @@ def test_isolated_rows_run_one_process_each_and_share_the_dense_reference(monkey
     monkeypatch.setattr(subprocess, "run", failing)
     with pytest.raises(SpotlightError, match="boom"):
         db.run_decode_bench(["llama3-8b"], [4096], [2], settings, log=lines.append)
+
+
+def test_bench_json_is_strict_json_with_null_for_figures_not_measured(tmp_path):
+    import json
+
+    from spotlight_attn.cli.bench_cmd import _write_json
+
+    path = tmp_path / "rows.json"
+    _write_json(path, [{"method": "spotlight", "x_dense": float("nan"), "ms_per_step": 9.3}])
+    text = path.read_text()
+    assert "NaN" not in text and json.loads(text) == [{"method": "spotlight", "x_dense": None, "ms_per_step": 9.3}]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -104,8 +104,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _write_json(path: Path | None, rows: list[dict]) -> None:
+    """Rows as strict JSON (a figure not measured, NaN in the row, is written as null), atomically."""
     if path is not None:
-        path.write_text(json.dumps(rows, indent=1))
+        clean = [{k: None if isinstance(v, float) and v != v else v for k, v in row.items()} for row in rows]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(clean, indent=1, allow_nan=False))
+        tmp.replace(path)
         print(f"wrote {path}")
 
 
