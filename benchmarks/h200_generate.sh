@@ -5,6 +5,7 @@
 #             (score_select's fused passes 2-3 run only there); the fused hash kernel's tests are the hash phase
 #   llama128  Llama-3-8B shape, 128K x 6 (hf-static, dense, SimHash, learned-hash shape)
 #   llama512  Llama-3-8B shape, 512K x 1 (dense, SimHash, learned-hash shape)
+#   dl0       the learned-hash shape with layer 0 alone dense (--dense-layers 0), 128K x 6 and 512K x 1
 #   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
@@ -37,6 +38,11 @@ for phase in "$@"; do
   llama128)
     bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp --baselines "${LLAMA_BASELINES:-hf-static,dense}" \
         --json "$OUT/llama3_128k_x6.json" | tee "$log" ;;
+  dl0)
+    { bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher mlp --baselines '' --dense-layers 0 \
+          --json "$OUT/llama3_128k_x6_dl0.json"
+      bench --shape llama3-8b --context 512K --batch 1 --budget 0.02 --hasher mlp --baselines '' --dense-layers 0 \
+          --json "$OUT/llama3_512k_x1_dl0.json"; } | tee "$log" ;;
   torch128)
     SPOTLIGHT_FUSED_HASH=0 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
         --baselines dense --json "$OUT/llama3_128k_x6_torch_hash.json" | tee "$log" ;;
