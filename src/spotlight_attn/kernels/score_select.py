@@ -514,46 +514,6 @@ def _emit_kernel(
 
 
 @_triton.kernel
-def _refine_emit_kernel(
-    score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr, counter_ptr,
-    num_kv_heads, T, score_stride, k, n_chunks, chunk_tokens,
-    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT_REFINE: tl.constexpr, BT: tl.constexpr,
-    PACKED: tl.constexpr, FORCED: tl.constexpr,
-):
-    """Passes 2 and 3 in one launch (CUDA only; the launcher checks that every program is resident).
-
-    A row's chunks count (pass 2), the last to arrive finds the threshold and offsets and raises the
-    row's flag, the others wait for it, then every chunk emits (pass 3) from the scores it has just
-    read, now in L2. The last chunk to leave lowers the flag: the counters end at zero.
-    Counters per row: arrivals, flag, departures.
-    """
-    chunk = tl.program_id(0)
-    row = tl.program_id(1)
-    t0 = chunk * chunk_tokens
-    score_row = score_ptr + row.to(tl.int64) * score_stride
-    fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), SHIFT, FB, BT_REFINE, PACKED, FORCED)
-    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
-    arrivals = counter_ptr + row * 3
-    tl.debug_barrier()
-    if tl.atomic_add(arrivals, 1, sem="acq_rel") == n_chunks - 1:
-        _refine_reduce(fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks, SHIFT, FB, MAXC, FORCED)
-        tl.atomic_xchg(arrivals, 0)
-        tl.debug_barrier()  # every thread's stores before the release
-        tl.atomic_xchg(arrivals + 1, 1, sem="release")
-    else:
-        while tl.atomic_add(arrivals + 1, 0, sem="acquire") == 0:
-            pass
-    _emit_chunk(
-        score_row, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
-        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT, FORCED,
-    )
-    tl.debug_barrier()
-    if tl.atomic_add(arrivals + 2, 1, sem="acq_rel") == n_chunks - 1:  # every chunk is past the wait
-        tl.atomic_xchg(arrivals + 1, 0)
-        tl.atomic_xchg(arrivals + 2, 0)
-
-
-@_triton.kernel
 def _select_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, fine_ptr, emit_ptr, out_ptr,
     counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
@@ -561,33 +521,37 @@ def _select_kernel(
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
-    FB: tl.constexpr, BT_REFINE: tl.constexpr, BT_EMIT: tl.constexpr, PACKED: tl.constexpr,
+    FB: tl.constexpr, BT_REFINE: tl.constexpr, BT_EMIT: tl.constexpr, PACKED: tl.constexpr, SCORE: tl.constexpr,
 ):
-    """All three passes in one launch (CUDA only, every program resident: see _refine_emit_kernel).
+    """The passes in one launch (CUDA only; the launcher checks that every program is resident): all
+    three with SCORE, else passes 2 and 3 after _score_kernel (the score arguments then go unused).
 
     Each chunk scores, waits for its row's bucket, counts inside it from the scores it has just
-    written (in L2), waits for the threshold, emits. Counters per row: arrivals (reset by each
-    barrier's last arrival before it raises its flag, so the second barrier counts from zero),
-    flag 1, flag 2, departures; the last chunk to leave lowers both flags.
+    written (in L2), waits for the threshold, emits. At each wait the last chunk of the row to
+    arrive reduces every chunk's counts and raises the row's flag; the others wait for it. Counters
+    per row: arrivals (reset by each barrier's last arrival before it raises its flag, so the second
+    barrier counts from zero), flag 1, flag 2, departures; the last chunk to leave lowers the flags,
+    so the counters end at zero.
     """
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     counters = counter_ptr + row * 4
-    k_row = _score_chunk(
-        q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
-        stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
-        num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
-        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT,
-    )
-    tl.debug_barrier()
-    if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
-        _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC, MAXC)
-        tl.atomic_xchg(counters, 0)
-        tl.debug_barrier()  # every thread's stores before the release
-        tl.atomic_xchg(counters + 1, 1, sem="release")
-    else:
-        while tl.atomic_add(counters + 1, 0, sem="acquire") == 0:
-            pass
+    if SCORE:
+        k_row = _score_chunk(
+            q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
+            stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+            num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
+            G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT,
+        )
+        tl.debug_barrier()
+        if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
+            _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC, MAXC)
+            tl.atomic_xchg(counters, 0)
+            tl.debug_barrier()  # every thread's stores before the release
+            tl.atomic_xchg(counters + 1, 1, sem="release")
+        else:
+            while tl.atomic_add(counters + 1, 0, sem="acquire") == 0:
+                pass
 
     chunk_tokens = chunk_blocks * BT
     t0 = chunk * chunk_tokens
@@ -640,8 +604,8 @@ def _score_select_triton(
     int64 (rows ascending, -1 tail). Needs plan.contiguous. The keyword arguments size the work of a
     program (tests shrink them to cover many chunks on small inputs; benchmarks tune them).
 
-    fuse: "all" runs the three passes in one launch (_select_kernel), "tail" passes 2 and 3
-    (_refine_emit_kernel), "none" three launches. Fusing is done only where it is safe: on a GPU, not
+    fuse: "all" runs the three passes in one launch (_select_kernel), "tail" passes 2 and 3 (the
+    same kernel, after _score_kernel), "none" three launches. Fusing is done only where it is safe: on a GPU, not
     in the interpreter (its programs run one after another, so one could never wait for another), and
     when the device holds every program of the launch at once (a program waits for its row's others);
     elsewhere the passes run as separate launches, with the same results."""
@@ -707,26 +671,27 @@ def _score_select_triton(
     strides = (query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1))
     bt_refine = min(bt_emit, refine_tokens)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
-    if fuse == "all" and gpu:
-        args = (query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, fine, emit, out,
-                _triton.zeroed_counters(device, 4 * rows), *strides,
-                hkv, t, t_stride, bits, budget.sink, budget.window, plan.k, chunks, chunk_blocks)
-        meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed)
-        if chunks * rows <= _triton.resident_programs(_select_kernel, args, meta, device):
-            _select_kernel[grid](*args, **meta)
+    fusing = gpu and fuse != "none"
+    if fusing:
+        fused_args = (query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, fine, emit, out,
+                      _triton.zeroed_counters(device, 4 * rows), *strides,
+                      hkv, t, t_stride, bits, budget.sink, budget.window, plan.k, chunks, chunk_blocks)
+        fused_meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed)
+    if fusing and fuse == "all":
+        meta = dict(fused_meta, SCORE=True)
+        if chunks * rows <= _triton.resident_programs(_select_kernel, fused_args, meta, device):
+            _select_kernel[grid](*fused_args, **meta)
             return out
     counters = _triton.zeroed_counters(device, rows)  # passes 1 and 2 each leave them at zero
     _score_kernel[grid](
         query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
         *strides, hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks, **score_meta,
     )
-    if fuse in ("all", "tail") and gpu:
-        args = (scores, fine, base, state, emit, plan.bounds, out, _triton.zeroed_counters(device, 3 * rows),
-                hkv, t, t_stride, plan.k, chunks, chunk_tokens)
-        meta = dict(SHIFT=shift, FB=fine_bins, MAXC=maxc, BT_REFINE=bt_refine, BT=bt_emit, PACKED=packed, FORCED=FORCED,
-                    num_warps=emit_warps)
-        if chunks * rows <= _triton.resident_programs(_refine_emit_kernel, args, meta, device):
-            _refine_emit_kernel[grid](*args, **meta)
+    if fusing:  # "tail", or "all" where the whole kernel did not fit
+        meta = dict(fused_meta, SCORE=False, num_warps=emit_warps)
+        meta.pop("maxnreg", None)
+        if chunks * rows <= _triton.resident_programs(_select_kernel, fused_args, meta, device):
+            _select_kernel[grid](*fused_args, **meta)
             return out
     _refine_kernel[grid](
         scores, fine, base, state, emit, counters, t, t_stride, chunks, chunk_tokens,
