@@ -22,7 +22,9 @@ import spotlight_attn as sa  # noqa: E402
 from spotlight_attn.config import HasherConfig, SpotlightConfig  # noqa: E402
 from spotlight_attn.hashing import hasher as hasher_module  # noqa: E402
 from spotlight_attn.kernels import ops  # noqa: E402
-from spotlight_attn.kernels.hash import _hash_codes_triton, hash_codes_reference, serves  # noqa: E402
+from spotlight_attn.kernels.hash import (  # noqa: E402
+    _hash_codes_triton, _step_hash_codes_triton, hash_codes_reference, serves, step_hash_codes_reference,
+)
 from spotlight_attn.kernels.pack import unpack_bits  # noqa: E402
 from spotlight_attn.models import ModelGeometry  # noqa: E402
 
@@ -98,6 +100,97 @@ def test_bf16_rows_and_a_strided_view():
     base = torch.randn(9, 2, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE).bfloat16()
     x = base.transpose(0, 1)  # [2, 9, 64], rows strided
     assert torch.equal(_hash_codes_triton(x, *weights), hash_codes_reference(x, *weights))
+
+
+def step_inputs(b, hq, hkv, d, t, bits, seed, dtype=torch.float32):
+    """A decode step's queries [B, Hq, 1, D] (a strided view, as the model's projection leaves them),
+    the cache's keys [B, T, Hkv, D], uneven lengths (the new key at lengths - 1) and a code cache of
+    random words (every word the step must not touch is checked against it)."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(b, 1, hq, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    keys = torch.randn(b, t, hkv, d, generator=g).to(DEVICE, dtype)
+    lengths = torch.randint(1, t + 1, (b,), generator=g).to(DEVICE)
+    codes = torch.randint(-(2**31), 2**31 - 1, (b, hkv, t, (bits + 31) // 32), dtype=torch.int32, generator=g)
+    return query, keys, lengths, codes.to(DEVICE)
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,t,bits,width,depth", [
+    (3, 6, 2, 32, 11, 128, 16, 2),    # G = 3, odd lengths
+    (1, 4, 4, 16, 5, 64, 0, 0),       # G = 1, batch 1, SimHash
+    (2, 8, 1, 64, 9, 100, 24, 1),     # one KV head, bits not a multiple of 32
+    (17, 9, 3, 64, 7, 128, 64, 2),    # 68 rows a head: the 16-row tl.dot kernel
+    (6, 32, 8, 128, 13, 128, 128, 2),  # the Llama-3-8B step's shape at batch 6
+])
+def test_the_step_hash_reads_and_writes_the_cache_in_place(b, hq, hkv, d, t, bits, width, depth):
+    """One launch hashes a step's queries and new keys from where they are and writes the keys' codes
+    into the code cache: the same query codes as the torch path, the same cache after, no other word
+    of the cache touched."""
+    query, keys, lengths, codes = step_inputs(b, hq, hkv, d, t, bits, seed=b)
+    weights = bank_weights(hkv, d, width, bits, depth, seed=5)
+    got_cache, want_cache = codes.clone(), codes.clone()
+    got = _step_hash_codes_triton(query, keys, lengths, got_cache, *weights)
+    want = step_hash_codes_reference(query, keys, lengths, want_cache, *weights)
+    assert got.shape == (b, hkv, hq // hkv, (bits + 31) // 32)
+    assert torch.equal(got, want) and torch.equal(got_cache, want_cache)
+    batch = torch.arange(b, device=DEVICE)
+    touched = (got_cache != codes).any(-1)  # [B, Hkv, T]
+    touched[batch, :, lengths - 1] = False
+    assert not touched.any()  # only the new keys' slots changed
+    # The reference is the hasher's torch pass over the concatenated rows, as before this op existed.
+    rows = torch.cat([query.reshape(b, hkv, hq // hkv, d), keys[batch, lengths - 1][:, :, None]], dim=2)
+    folded = hash_codes_reference(rows.transpose(0, 1).reshape(hkv, -1, d), *weights)
+    assert torch.equal(want_cache[batch, :, lengths - 1], folded.reshape(hkv, b, -1, folded.shape[-1])[:, :, -1].transpose(0, 1))
+
+
+def test_the_step_hash_takes_bf16_and_refuses_a_strided_last_dim():
+    query, keys, lengths, codes = step_inputs(2, 4, 2, 32, 6, 64, seed=3, dtype=torch.bfloat16)
+    weights = bank_weights(2, 32, 16, 64, 1, seed=1)
+    mine, theirs = codes.clone(), codes.clone()
+    got = _step_hash_codes_triton(query, keys, lengths, mine, *weights)
+    assert torch.equal(got, step_hash_codes_reference(query, keys, lengths, theirs, *weights)) and torch.equal(mine, theirs)
+    with pytest.raises(ValueError, match="contiguous in their last dim"):
+        _step_hash_codes_triton(query.transpose(2, 3), keys, lengths, codes, *weights)
+
+
+@pytest.mark.parametrize("placement", ["shared", "asymmetric"])
+def test_the_hashers_fused_step_equals_step_codes_and_the_write(monkeypatch, placement):
+    geometry = ModelGeometry("llama", 3, 6, 2, 32, 10000.0, 1024)
+    hasher = sa.MLPHasher(geometry, HasherConfig(bits=128, width=16, init_scale=0.5, placement=placement), layers=[1]).to(DEVICE)
+    query, keys, lengths, codes = step_inputs(3, 6, 2, 32, 10, 128, seed=8)
+    monkeypatch.setattr(hasher_module, "FUSED_KERNEL", True)
+    mine = codes.clone()
+    got = hasher.fused_step_codes(1, query, keys, lengths, mine)
+    if placement == "asymmetric":  # two banks: no one-launch step; the caller hashes with step_codes
+        assert got is None and torch.equal(mine, codes)
+        return
+    batch = torch.arange(3, device=DEVICE)
+    monkeypatch.setattr(hasher_module, "FUSED_KERNEL", False)
+    assert hasher.fused_step_codes(1, query, keys, lengths, codes.clone()) is None  # the kernel off: torch
+    want, key_codes = hasher.step_codes(1, query, keys[batch, lengths - 1][:, :, None], grouped=True)
+    theirs = codes.clone()
+    theirs[batch, :, lengths - 1] = key_codes[:, :, 0]
+    assert torch.equal(got, want) and torch.equal(mine, theirs)
+
+
+def test_the_step_hash_op_writes_the_cache_in_place_when_compiled():
+    """Inductor keeps the op's write in place: no copy of the code cache (a copy per layer per step
+    would read and write the whole cache), and the caller's buffer holds the new codes after."""
+    from torch._inductor.utils import run_and_get_code
+
+    query, keys, lengths, codes = step_inputs(2, 4, 2, 16, 9, 64, seed=2)
+    weights = bank_weights(2, 16, 8, 64, 1, seed=4)
+    want_cache = codes.clone()
+    want = step_hash_codes_reference(query, keys, lengths, want_cache, *weights)
+
+    def step(q, k, n, c, *w):
+        return ops.step_hash_codes_op(q * 1.0, k, n, c, *w, use_kernel=0) + 0
+
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(step, fullgraph=True), query, keys, lengths, codes, *weights)
+    torch._dynamo.reset()
+    assert torch.equal(got, want) and torch.equal(codes, want_cache)
+    shape = str(tuple(codes.shape))
+    assert not [line for line in "\n".join(code).splitlines() if "empty_strided" in line and shape in line]
 
 
 def test_serves_only_what_it_keeps_in_registers():

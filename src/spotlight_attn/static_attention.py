@@ -3,7 +3,8 @@
 - Prefill (query length > 1, eager): dense, causal, over each row's held keys (kernels/dense.py:
   flash varlen on CUDA, no [S, T] mask); the keys were hashed as the layer wrote them.
 - Decode (query length 1): a dense layer reads every held key (flash varlen with per-row lengths);
-  a hash layer hashes the query and the new key in one pass (writing the key's codes), selects
+  a hash layer hashes the query and the new key in one pass (one launch on CUDA, which reads them
+  in place and writes the key's codes into the cache), selects
   a fixed-width index buffer (score_select, -1 padding; the bounds come from the step's plan, made
   once on the device at layer 0 from the row lengths) and attends over it (sparse_decode). The
   kernels are registered custom ops (kernels/ops.py), nothing reads the device from the host, and
@@ -37,8 +38,10 @@ def static_attention(installed, cache, layer, query: torch.Tensor, scaling: floa
     hasher = installed.selector.hasher
     use_kernel = 0 if config.force_reference else -1
     if layer.defers_codes(1):  # the new key's codes come with the query's, from one pass of the hash
-        query_codes, key_codes = hasher.step_codes(layer.layer_idx, query, layer.newest_keys(), grouped=True)
-        layer.write_newest_codes(key_codes)
+        query_codes = hasher.fused_step_codes(layer.layer_idx, query, layer.k_by_token, layer.lengths, layer.codes)
+        if query_codes is None:  # no fused kernel here: the same pass through torch, then the codes' write
+            query_codes, key_codes = hasher.step_codes(layer.layer_idx, query, layer.newest_keys(), grouped=True)
+            layer.write_newest_codes(key_codes)
     else:
         query_codes = hasher.query_codes(layer.layer_idx, query)  # [B, Hq, 1, W]
     indices = ops.score_select_op(

@@ -178,6 +178,26 @@ class _HasherBase(nn.Module):
         query_codes = codes[:, :, :rows]
         return (query_codes if grouped else query_codes.reshape(b, hq, s, -1)), codes[:, :, rows:]
 
+    def fused_step_codes(
+        self, layer: int, queries: torch.Tensor, keys_by_token: torch.Tensor, lengths: torch.Tensor, codes: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A decode step's hash in one launch of the fused kernel, straight from and into the cache:
+        queries [B, Hq, 1, D], the cache's keys [B, T, Hkv, D] with the step's new key at lengths[b] - 1,
+        the code cache [B, Hkv, T, W] -> query codes [B, Hkv, G, W], the new keys' codes written into
+        `codes`. The same codes as step_codes(grouped=True) followed by their write. None where that
+        kernel does not serve (asymmetric placement, a query of more than one token, too many rows,
+        the fused kernel off or not on this device): then hash with step_codes."""
+        use = FUSED_KERNEL if FUSED_KERNEL is not None else queries.is_cuda
+        if not use or self.placement is Placement.ASYMMETRIC:
+            return None
+        weights = self._bank("k", layer).kernel_weights()
+        if not fused_hash.step_serves(queries, keys_by_token, weights[0], weights[-1]):
+            return None
+        with torch.no_grad():
+            return ops.step_hash_codes_op(
+                queries, keys_by_token, lengths, codes, *weights, use_kernel=1 if FUSED_KERNEL else -1
+            )
+
     def shard(self, rank: int, world: int) -> "_HasherBase":
         """A copy holding the hashes of tensor-parallel rank `rank` of `world`: its contiguous share of
         the KV heads (and of the query heads, for query banks), as transformers' TP plans shard the

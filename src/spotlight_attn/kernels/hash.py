@@ -101,11 +101,64 @@ def _prefetch_weights(w1_ptr, w2_ptr, proj_ptr, n_heads, d, width, bits, DEPTH: 
 
 
 @_triton.kernel
+def _step_rows(rows, row_ok, group, len_ptr):
+    """A decode step's row r of a head (STEP): batch row b = r // (G + 1), slot j = r % (G + 1), the
+    query head head * G + j for j < G, the new key (at position lengths[b] - 1) for j == G."""
+    b = rows // (group + 1)
+    j = rows - b * (group + 1)
+    pos = tl.load(len_ptr + b, mask=row_ok, other=1).to(tl.int64) - 1
+    return b.to(tl.int64), j, j == group, pos
+
+
+@_triton.kernel
+def _load_rows(
+    x_ptr, key_ptr, len_ptr, head, rows, row_ok, dim, d_ok, stride_xh, stride_xm, group, stride_xb,
+    stride_kb, stride_kt, stride_kh, STEP: tl.constexpr,
+):
+    """The program's input rows [BLOCK_M, D_PAD] in float32: rows of x [n, M, D] (strides xh, xm), or
+    with STEP a decode step's queries x [B, Hq, 1, D] (strides xb, xh) and new keys, read in place from
+    the cache's keys [B, T, Hkv, D] (strides kb, kt, kh) at lengths[b] - 1."""
+    if STEP:
+        b, j, is_key, pos = _step_rows(rows, row_ok, group, len_ptr)
+        q_off = b * stride_xb + (head * group + j).to(tl.int64) * stride_xh
+        k_off = b * stride_kb + pos * stride_kt + head.to(tl.int64) * stride_kh
+        xq = tl.load(x_ptr + q_off[:, None] + dim[None, :], mask=(row_ok & ~is_key)[:, None] & d_ok[None, :], other=0.0)
+        xk = tl.load(key_ptr + k_off[:, None] + dim[None, :], mask=(row_ok & is_key)[:, None] & d_ok[None, :], other=0.0)
+        x = xq.to(tl.float32) + xk.to(tl.float32)
+    else:
+        x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
+        x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    return x
+
+
+@_triton.kernel
+def _store_codes(
+    out_ptr, codes_ptr, len_ptr, packed, head, rows, row_ok, m, n_heads, group, stride_cb, stride_ch, stride_ct,
+    BITS_PAD: tl.constexpr, WORDS: tl.constexpr, STEP: tl.constexpr,
+):
+    """Packed codes [BLOCK_M, BITS_PAD // 32] to out [n, M, W], or with STEP the queries' to out
+    [B, Hkv, G, W] and the new keys' into the code cache [B, Hkv, T, W] (strides cb, ch, ct) at
+    lengths[b] - 1."""
+    word = tl.arange(0, BITS_PAD // 32)
+    w_ok = word[None, :] < WORDS
+    if STEP:
+        b, j, is_key, pos = _step_rows(rows, row_ok, group, len_ptr)
+        q_out = ((b * n_heads + head) * group + j) * WORDS
+        k_out = b * stride_cb + head.to(tl.int64) * stride_ch + pos * stride_ct
+        tl.store(out_ptr + q_out[:, None] + word[None, :], packed, mask=(row_ok & ~is_key)[:, None] & w_ok)
+        tl.store(codes_ptr + k_out[:, None] + word[None, :], packed, mask=(row_ok & is_key)[:, None] & w_ok)
+    else:
+        tl.store(out_ptr + (head.to(tl.int64) * m + rows[:, None]) * WORDS + word[None, :], packed,
+                 mask=row_ok[:, None] & w_ok)
+
+
+@_triton.kernel
 def _hash_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr, scratch_ptr,
     n_heads, m, d, width, bits, stride_xh, stride_xm,
+    key_ptr, len_ptr, codes_ptr, group, stride_xb, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_ct,
     DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, BITS_PAD: tl.constexpr,
-    WORDS: tl.constexpr, BK: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    WORDS: tl.constexpr, BK: tl.constexpr, PREFETCH_LINES: tl.constexpr, STEP: tl.constexpr,
 ):
     """One program: rows [BLOCK_M block] of head program_id(0). Weights contiguous as in the module docstring.
 
@@ -122,10 +175,10 @@ def _hash_kernel(
     row_ok = rows < m
     d_ok = dim < d
     w_ok = hid < width
-    x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
     if PREFETCH_LINES > 0:
         _prefetch_weights(w1_ptr, w2_ptr, proj_ptr, n_heads, d, width, bits, DEPTH, PREFETCH_LINES)
-    x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
+    x = _load_rows(x_ptr, key_ptr, len_ptr, head, rows, row_ok, dim, d_ok, stride_xh, stride_xm, group, stride_xb,
+                   stride_kb, stride_kt, stride_kh, STEP)  # [BLOCK_M, D_PAD]
     # This program's scratch: x rows [BLOCK_M, D_PAD] then hidden rows [BLOCK_M, W_PAD], float32.
     scratch_x = scratch_ptr + (head * tl.num_programs(1) + blk_m).to(tl.int64) * BLOCK_M * (D_PAD + W_PAD)
     scratch_h = scratch_x + BLOCK_M * D_PAD
@@ -166,9 +219,8 @@ def _hash_kernel(
     # Distinct bits: their sum is their OR, and bit 31 wraps to the int32 sign bit as intended.
     one_bits = tl.where(hashed > 0, 1 << (col % 32)[None, :], 0)
     packed = _sum(tl.reshape(one_bits, [BLOCK_M, BITS_PAD // 32, 32]), axis=2)  # [BLOCK_M, BITS_PAD // 32]
-    word = tl.arange(0, BITS_PAD // 32)
-    tl.store(out_ptr + (head.to(tl.int64) * m + rows[:, None]) * WORDS + word[None, :], packed,
-             mask=row_ok[:, None] & (word[None, :] < WORDS))
+    _store_codes(out_ptr, codes_ptr, len_ptr, packed, head, rows, row_ok, m, n_heads, group, stride_cb, stride_ch,
+                 stride_ct, BITS_PAD, WORDS, STEP)
 
 
 @_triton.kernel
@@ -192,8 +244,9 @@ def _matmul_rows(a_ptr, w_ptr, k_valid, n_valid, stride_w, BLOCK_M: tl.constexpr
 def _hash_rows_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, proj_ptr, out_ptr, scratch_ptr,
     n_heads, m, d, width, bits, stride_xh, stride_xm,
+    key_ptr, len_ptr, codes_ptr, group, stride_xb, stride_kb, stride_kt, stride_kh, stride_cb, stride_ch, stride_ct,
     DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, W_PAD: tl.constexpr, BITS_PAD: tl.constexpr,
-    WORDS: tl.constexpr, BK: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    WORDS: tl.constexpr, BK: tl.constexpr, PREFETCH_LINES: tl.constexpr, STEP: tl.constexpr,
 ):
     """As _hash_kernel, for a few rows per program (BLOCK_M below a dot tile): broadcast products."""
     head = tl.program_id(0)
@@ -205,10 +258,10 @@ def _hash_rows_kernel(
     row_ok = rows < m
     d_ok = dim < d
     w_ok = hid < width
-    x_off = head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xm + dim[None, :]
     if PREFETCH_LINES > 0:
         _prefetch_weights(w1_ptr, w2_ptr, proj_ptr, n_heads, d, width, bits, DEPTH, PREFETCH_LINES)
-    x = tl.load(x_ptr + x_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, D_PAD]
+    x = _load_rows(x_ptr, key_ptr, len_ptr, head, rows, row_ok, dim, d_ok, stride_xh, stride_xm, group, stride_xb,
+                   stride_kb, stride_kt, stride_kh, STEP)  # [BLOCK_M, D_PAD]
     scratch_x = scratch_ptr + (head * tl.num_programs(1) + blk_m).to(tl.int64) * BLOCK_M * (D_PAD + W_PAD)
     scratch_h = scratch_x + BLOCK_M * D_PAD
     for i in tl.static_range(DEPTH):
@@ -228,10 +281,9 @@ def _hash_rows_kernel(
     col = tl.arange(0, BITS_PAD)
     hashed = _matmul_rows(scratch_x, proj_ptr + head.to(tl.int64) * d * bits, d, bits, bits, BLOCK_M, D_PAD, BITS_PAD, BK)
     one_bits = tl.where(hashed > 0, 1 << (col % 32)[None, :], 0)
-    packed = _sum(tl.reshape(one_bits, [BLOCK_M, BITS_PAD // 32, 32]), axis=2)
-    word = tl.arange(0, BITS_PAD // 32)
-    tl.store(out_ptr + (head.to(tl.int64) * m + rows[:, None]) * WORDS + word[None, :], packed,
-             mask=row_ok[:, None] & (word[None, :] < WORDS))
+    packed = _sum(tl.reshape(one_bits, [BLOCK_M, BITS_PAD // 32, 32]), axis=2)  # [BLOCK_M, BITS_PAD // 32]
+    _store_codes(out_ptr, codes_ptr, len_ptr, packed, head, rows, row_ok, m, n_heads, group, stride_cb, stride_ch,
+                 stride_ct, BITS_PAD, WORDS, STEP)
 
 
 def _hash_codes_triton(
@@ -242,13 +294,65 @@ def _hash_codes_triton(
     (benchmarks/tune_kernels.py times them); block_m below 16 takes the broadcast-product kernel."""
     _triton.bind(globals())
     n, m, d = x.shape
-    bits = proj.shape[-1]
-    words = num_words(bits)
-    out = torch.empty(n, m, words, dtype=torch.int32, device=x.device)
+    out = torch.empty(n, m, num_words(proj.shape[-1]), dtype=torch.int32, device=x.device)
     if m == 0 or n == 0:
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
+    rows = (x, x.stride(0), x.stride(1), x, x, x, 0, 0, 0, 0, 0, 0, 0, 0)  # STEP's arguments unused
+    _launch(rows, n, m, d, out, w1, b1, w2, b2, proj, False, block_m, bk, num_warps, num_stages, prefetch_l2)
+    return out
+
+
+def step_hash_codes_reference(query, keys_by_token, lengths, codes, w1, b1, w2, b2, proj) -> torch.Tensor:
+    """A decode step's hash in torch (the contract of _step_hash_codes_triton): query [B, Hq, 1, D], the
+    cache's keys [B, T, Hkv, D] holding the step's new key at lengths[b] - 1, codes [B, Hkv, T, W] ->
+    query codes [B, Hkv, G, W]; the new keys' codes are written into codes at lengths[b] - 1."""
+    b, hq, _, d = query.shape
+    hkv = keys_by_token.shape[2]
+    group = hq // hkv
+    batch = torch.arange(b, device=query.device)
+    new_keys = keys_by_token[batch, lengths - 1]  # [B, Hkv, D]
+    x = torch.cat([query.reshape(b, hkv, group, d), new_keys[:, :, None].to(query.dtype)], dim=2)  # [B, Hkv, G + 1, D]
+    folded = x.transpose(0, 1).reshape(hkv, b * (group + 1), d)
+    out = hash_codes_reference(folded, w1, b1, w2, b2, proj).reshape(hkv, b, group + 1, -1).transpose(0, 1)
+    codes[batch, :, lengths - 1] = out[:, :, group]
+    return out[:, :, :group].contiguous()
+
+
+def step_serves(query, keys_by_token, w1, proj) -> bool:
+    """Whether _step_hash_codes_triton takes a decode step of these shapes (serves() on its rows)."""
+    b, hq, s, d = query.shape
+    rows = b * (hq // keys_by_token.shape[2] + 1)
+    return s == 1 and query.dtype == keys_by_token.dtype and serves(query.new_empty(0, rows, d), w1, proj)
+
+
+def _step_hash_codes_triton(query, keys_by_token, lengths, codes, w1, b1, w2, b2, proj, **launch) -> torch.Tensor:
+    """A decode step's hash in one launch, as step_hash_codes_reference: the kernel reads the queries
+    and the new keys where they are (no concatenated input) and writes the keys' codes into the code
+    cache itself (no index_put after it); rows and codes are the same as the reference's rows through
+    _hash_codes_triton."""
+    _triton.bind(globals())
+    b, hq, _, d = query.shape
+    hkv = keys_by_token.shape[2]
+    group = hq // hkv
+    out = torch.empty(b, hkv, group, codes.shape[-1], dtype=torch.int32, device=query.device)
+    if b == 0 or hkv == 0:
+        return out
+    if query.stride(-1) != 1 or keys_by_token.stride(-1) != 1 or codes.stride(-1) != 1:
+        raise ValueError("the step's hash needs query, keys and codes contiguous in their last dim")
+    rows = (query, query.stride(1), 0, keys_by_token, lengths, codes, group, query.stride(0),
+            keys_by_token.stride(0), keys_by_token.stride(1), keys_by_token.stride(2),
+            codes.stride(0), codes.stride(1), codes.stride(2))
+    _launch(rows, hkv, b * (group + 1), d, out, w1, b1, w2, b2, proj, True, **launch)
+    return out
+
+
+def _launch(rows, n, m, d, out, w1, b1, w2, b2, proj, step, block_m=None, bk=None, num_warps=None, num_stages=None,
+            prefetch_l2=True) -> None:
+    """Sizes and launches the kernel for n heads of m rows of dim d (rows: the input's pointers and
+    strides, _hash_kernel's x .. stride_ct)."""
+    bits = proj.shape[-1]
     depth = 0 if w1 is None else w1.shape[0]
     width = 0 if w1 is None else w1.shape[-1]
     if depth:
@@ -265,14 +369,15 @@ def _hash_codes_triton(
     # hidden rows (residual blocks only) w_pad.
     bk = min(bk, d_pad, w_pad) if depth else min(bk, d_pad)
     blocks_m = cdiv(m, block_m)
-    scratch = torch.empty(n * blocks_m * block_m * (d_pad + w_pad), dtype=torch.float32, device=x.device)
+    scratch = torch.empty(n * blocks_m * block_m * (d_pad + w_pad), dtype=torch.float32, device=out.device)
     kernel = _hash_rows_kernel if few else _hash_kernel  # tl.dot needs 16 rows
     lines = 0  # per program and weight matrix; 0: no prefetch (the interpreter has no inline PTX)
-    if prefetch_l2 and x.is_cuda and not _triton.interpreting():
+    if prefetch_l2 and out.is_cuda and not _triton.interpreting():
         lines = next_pow2(cdiv(cdiv(d * max(width, bits), 32), blocks_m))
+    x, stride_xh, stride_xm, *step_args = rows
     kernel[(n, blocks_m)](
-        x, w1, b1, w2, b2, proj, out, scratch, n, m, d, width, bits, x.stride(0), x.stride(1),
-        DEPTH=depth, BLOCK_M=block_m, D_PAD=d_pad, W_PAD=w_pad, BITS_PAD=max(32, next_pow2(bits)), WORDS=words,
-        BK=bk, PREFETCH_LINES=lines, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        x, w1, b1, w2, b2, proj, out, scratch, n, m, d, width, bits, stride_xh, stride_xm, *step_args,
+        DEPTH=depth, BLOCK_M=block_m, D_PAD=d_pad, W_PAD=w_pad, BITS_PAD=max(32, next_pow2(bits)),
+        WORDS=num_words(bits), BK=bk, PREFETCH_LINES=lines, STEP=step, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
-    return out

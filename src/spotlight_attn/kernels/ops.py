@@ -1,6 +1,6 @@
 """The decode step's kernels as registered torch custom ops, so torch.compile and CUDA graphs take them.
 
-A decode step over the static cache (static_cache.py) calls these three; each has a fake (meta)
+A decode step over the static cache (static_cache.py) calls these; each has a fake (meta)
 implementation for tracing and one real implementation for every device: on CUDA tensors the Triton
 kernel (or flash-attention), elsewhere the pure-torch reference (or the Triton interpreter when
 `use_kernel` asks for it, as the tests do). Nothing in them reads the device from the host, and their
@@ -10,6 +10,7 @@ outputs have shapes fixed by their arguments, so a whole decode step can be capt
     spotlight::sparse_decode(query, keys, values, indices, scaling, use_kernel) -> out
     spotlight::dense_decode(query, keys_by_token, values_by_token, lengths, cu_k, scaling) -> out
     spotlight::hash_codes(x, w1, b1, w2, b2, proj, use_kernel) -> codes (kernels/hash.py)
+    spotlight::step_hash_codes(query, keys_by_token, lengths, codes!, w1, b1, w2, b2, proj, use_kernel) -> query codes
 """
 
 from __future__ import annotations
@@ -133,3 +134,35 @@ def hash_codes_op(
 @hash_codes_op.register_fake
 def _(x, w1, b1, w2, b2, proj, use_kernel=-1):
     return x.new_empty((x.shape[0], x.shape[1], (proj.shape[-1] + 31) // 32), dtype=torch.int32)
+
+
+@torch.library.custom_op("spotlight::step_hash_codes", mutates_args=("codes",))
+def step_hash_codes_op(
+    query: torch.Tensor, keys_by_token: torch.Tensor, lengths: torch.Tensor, codes: torch.Tensor,
+    w1: torch.Tensor | None, b1: torch.Tensor | None, w2: torch.Tensor | None, b2: torch.Tensor | None,
+    proj: torch.Tensor, use_kernel: int = -1,
+) -> torch.Tensor:
+    """A decode step's hash with one bank for queries and keys: query [B, Hq, 1, D], the cache's keys
+    [B, T, Hkv, D] (the step's new key already written at lengths[b] - 1), lengths [B], the code cache
+    [B, Hkv, T, W] int32 -> query codes [B, Hkv, G, W] int32; the new keys' codes go into `codes` at
+    lengths[b] - 1. One launch of the fused kernel on CUDA (kernels/hash.py, STEP), which reads the
+    queries and keys in place; it falls back to torch as hash_codes does."""
+    from spotlight_attn.kernels.hash import _step_hash_codes_triton, step_hash_codes_reference, step_serves
+
+    args = (query, keys_by_token, lengths, codes, w1, b1, w2, b2, proj)
+    if use_kernel == 1:
+        return _step_hash_codes_triton(*args)
+    if (use_kernel < 0 and not _FUSED_HASH_FAILED and _use((query, proj), use_kernel)
+            and step_serves(query, keys_by_token, w1, proj)):
+        try:
+            return _step_hash_codes_triton(*args)
+        except Exception as error:  # as in hash_codes_op
+            _FUSED_HASH_FAILED.append(repr(error))
+            logger.warning("the fused hash kernel failed on this GPU (%r); hashing through torch from now on", error)
+    return step_hash_codes_reference(*args)
+
+
+@step_hash_codes_op.register_fake
+def _(query, keys_by_token, lengths, codes, w1, b1, w2, b2, proj, use_kernel=-1):
+    b, hq, hkv = query.shape[0], query.shape[1], keys_by_token.shape[2]
+    return query.new_empty((b, hkv, hq // hkv, codes.shape[-1]), dtype=torch.int32)
