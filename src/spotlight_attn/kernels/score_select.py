@@ -638,7 +638,11 @@ def _score_select_triton(
     bt = block_tokens or (256 if device.type != "cuda" else 1024)
     blocks = cdiv(t, bt)
     target = _triton.num_programs_target(device) * programs_per_sm // 4
-    chunks = max(1, min(cdiv(target, rows), max_chunks, blocks))
+    gpu = device.type == "cuda" and not _triton.interpreting()
+    # Fused, every program must be resident at once: whole chunks per row within the target (64 rows
+    # on the H200: 8 chunks, 512 programs, where rounding up gave 576 and three launches).
+    per_row = target // rows if gpu and fuse != "none" and target >= rows else cdiv(target, rows)
+    chunks = max(1, min(per_row, max_chunks, blocks))
     chunk_blocks = cdiv(blocks, chunks)
     if chunk_blocks > 4:
         chunk_blocks = cdiv(chunk_blocks, 4) * 4  # lets passes 2 and 3 step 4 blocks at a time
@@ -661,7 +665,6 @@ def _score_select_triton(
     state = torch.empty(rows, 4, **i32)
     budget = plan.budget
     grid = (chunks, rows)
-    gpu = device.type == "cuda" and not _triton.interpreting()
     score_meta = dict(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
