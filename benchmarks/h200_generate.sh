@@ -6,6 +6,8 @@
 #   llama128  Llama-3-8B shape, 128K x 6 (hf-static, dense, SimHash, learned-hash shape)
 #   llama512  Llama-3-8B shape, 512K x 1 (dense, SimHash, learned-hash shape)
 #   dl0       the learned-hash shape with layer 0 alone dense (--dense-layers 0), 128K x 6 and 512K x 1
+#   freeze128, freeze512  the dense and learned-hash-shape rows with inductor's freezing (TORCHINDUCTOR_FREEZING=1:
+#             weights as constants, so inductor concatenates q/k/v and gate/up into one GEMM each)
 #   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
@@ -13,6 +15,9 @@
 #   tune      launch variants of score_select and sparse_decode, and the step's hash, at these shapes (benchmarks/tune_kernels.py;
 #             TUNE_ONLY=hash|select|decode for one of them)
 #   ncu       Nsight Compute on the step's kernels at 128K x 6 (benchmarks/ncu_probe.py; HASH_VARIANT picks the hash variant)
+#   retrieval `spotlight bench retrieval` at 128K, 512K and 1M, batch 1 and 8 (issue 13's score_select target)
+#   gemm      the step's GEMMs alone against their weights' floor, cuBLAS and cuBLASLt (benchmarks/gemm_probe.py;
+#             GEMM_AUTOTUNE=1 adds inductor's max-autotune templates, minutes of tuning)
 #   hash      the fused hash kernel's tests compiled on CUDA
 #   train     the streaming hash trainer's throughput at the Llama-3-8B shape, 8K chunks (benchmarks/train_throughput.py),
 #             and its GPU test
@@ -43,6 +48,10 @@ for phase in "$@"; do
           --json "$OUT/llama3_128k_x6_dl0.json"
       bench --shape llama3-8b --context 512K --batch 1 --budget 0.02 --hasher mlp --baselines '' --dense-layers 0 \
           --json "$OUT/llama3_512k_x1_dl0.json"; } | tee "$log" ;;
+  freeze128|freeze512)
+    shape="--context 128K --batch 6"; name=llama3_128k_x6; [ $phase = freeze512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
+    TORCHINDUCTOR_FREEZING=1 bench --shape llama3-8b $shape --budget 0.02 --hasher mlp --baselines dense \
+        --json "$OUT/${name}_freeze.json" | tee "$log" ;;
   torch128)
     SPOTLIGHT_FUSED_HASH=0 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
         --baselines dense --json "$OUT/llama3_128k_x6_torch_hash.json" | tee "$log" ;;
@@ -59,11 +68,16 @@ for phase in "$@"; do
   profile|profile512)
     shape="--context 128K --batch 6"; [ $phase = profile512 ] && shape="--context 512K --batch 1"
     python3 benchmarks/profile_generate.py --shape llama3-8b $shape --out "$OUT/$phase" 2>&1 \
-        | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log" ;;
+        | grep -v "Warning\|warn\|STAGE\|profiler_st\|USDT" | tee "$log"
+    tar czf "$OUT/$phase.tgz" -C "$OUT" "$phase" && rm -rf "${OUT:?}/$phase" ;;  # a call brings back 8 files at most
   ncu)
-    ncu --clock-control none --kernel-name regex:"_hash|_score|_refine|_emit|_sparse" --launch-skip 6 --launch-count 6 \
+    ncu --clock-control none --kernel-name regex:"_hash|_score|_select|_refine|_emit|_sparse" --launch-skip 4 --launch-count 4 \
         --set detailed --section SourceCounters --section WarpStateStats python3 benchmarks/ncu_probe.py > "$OUT/ncu.txt" 2>&1
     grep -E "^  _|Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Compute \(SM\) Throughput" "$OUT/ncu.txt" | tee "$log" ;;
+  retrieval)
+    python3 -m spotlight_attn.cli.main bench retrieval --geometry llama3-8b --context 128K,512K,1M --batch 1,8 \
+        --json "$OUT/retrieval.json" 2>&1 | grep -v "Warning\|warn" | tee "$log" ;;
+  gemm) python3 benchmarks/gemm_probe.py ${GEMM_AUTOTUNE:+--autotune} --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tee "$log" ;;
   hash) python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 3 | tee "$log" ;;
   train)
     { python3 benchmarks/train_throughput.py --out "$OUT" 2>&1 | grep -v "Warning\|warn"

@@ -1,12 +1,13 @@
 """The decode step's kernels at 128K x 6 (Llama-3-8B shape, 2%), a few launches each, for Nsight Compute.
 
-    ncu --clock-control none --kernel-name regex:"_hash|_score|_refine|_emit|_sparse" --launch-skip 6 \\
-        --launch-count 6 --set detailed --section SourceCounters python benchmarks/ncu_probe.py
+    ncu --clock-control none --kernel-name regex:"_hash|_score|_select|_refine|_emit|_sparse" --launch-skip 4 \\
+        --launch-count 4 --set detailed --section SourceCounters python benchmarks/ncu_probe.py
 
 It runs three rounds of: the learned-hash shape's fused hash (8 KV heads x 30 rows, depth 2, width
 128, 128 bits) in the current kernel and in `HASH_VARIANT` (keyword arguments of _hash_codes_triton,
-a Python dict literal, default the 16-row tl.dot kernel), score_select (3 launches) and
-sparse_decode (1 launch) in the step's layouts. --launch-skip 6 profiles the second round.
+a Python dict literal, default the 16-row tl.dot kernel), score_select (one fused launch on
+the H200, three where the fused kernel does not fit) and sparse_decode (1 launch) in the step's layouts.
+--launch-skip 4 profiles the second round (of the fused kernel).
 """
 
 import ast

@@ -35,9 +35,9 @@ from spotlight_attn.bench import _ctx  # noqa: E402
 from spotlight_attn.cli.bench_cmd import parse_tokens  # noqa: E402
 
 FAMILIES = [  # kernel name pattern -> family, first match wins
-    ("score_select", r"_score_kernel|_refine_kernel|_emit_kernel|score_select"),
+    ("score_select", r"_select_kernel|_score_kernel|_refine_kernel|_emit_kernel|score_select"),
     ("sparse_decode", r"_sparse_decode"),
-    ("hash", r"_hash_kernel"),
+    ("hash", r"_hash_kernel|_hash_rows_kernel"),
     ("dense attention", r"flash|fmha|attention"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|sm90_|sm80_|xmma|splitK|cublas"),
     ("inductor fused", r"^triton_"),
