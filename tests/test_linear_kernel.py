@@ -90,3 +90,60 @@ def test_serves_and_plan():
     for n, k in [(1024, 4096), (4096, 4096), (4096, 14336), (14336, 4096)]:
         bn, bk, split = plan_skinny(n, k, torch.device(DEVICE))
         assert (k // bk) % split == 0 and split >= 1 and bn in (16, 32)
+
+
+def test_op_takes_the_kernel_where_asked_and_f_linear_elsewhere():
+    from spotlight_attn.kernels import ops  # noqa: F401  (registers the op)
+
+    x, w, b = inputs(6, 32, 128, torch.bfloat16, seed=4, bias=True)
+    check(torch.ops.spotlight.skinny_linear(x, w, b, 1 if not CUDA else -1), x, w, b)
+    wide = inputs(20, 32, 128, torch.bfloat16, seed=5, bias=False)  # more rows than the kernel takes
+    out = torch.ops.spotlight.skinny_linear(wide[0], wide[1], None, -1)
+    assert torch.equal(out, skinny_linear_reference(wide[0], wide[1]))
+
+
+def test_fast_linear_swaps_shares_and_restores(make_tiny_model, monkeypatch):
+    import torch.nn as nn
+
+    from spotlight_attn.kernels import linear as linear_module
+
+    import spotlight_attn as sa
+    from spotlight_attn.decode_linear import DecodeLinear
+
+    model = make_tiny_model(layers=3).to(torch.bfloat16)
+    before = {name: p for name, p in model.named_parameters()}
+    originals = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    hooked = model.model.layers[1].mlp.down_proj
+    hooked.register_forward_hook(lambda *args: None)  # a hooked layer (e.g. an adapter's) stays as it is
+    ids = torch.randint(4, 128, (2, 11))
+    dense = sa.SpotlightConfig(method="dense", cache="dynamic")
+    want = sa.enable(model, None, dense).generate(ids, max_new_tokens=4, do_sample=False).clone()
+    sa.enable(model, None, sa.SpotlightConfig(method="dense", cache="dynamic", fast_linear=True))
+    swapped = {name for name, m in model.named_modules() if isinstance(m, DecodeLinear)}
+    assert swapped == {name for name in originals if name != "lm_head" and not name.endswith("layers.1.mlp.down_proj")}
+    assert all(p is before[name] for name, p in model.named_parameters())  # the same Parameters: nothing copied
+    assert set(model.state_dict()) == set(before)
+    launches = []
+    kernel = linear_module._skinny_linear_triton
+    monkeypatch.setattr(linear_module, "_skinny_linear_triton", lambda *a, **k: launches.append(a[0].shape) or kernel(*a, **k))
+    DecodeLinear.use_kernel = 1 if not CUDA else -1  # on the CPU, the interpreter runs the kernel
+    try:
+        got = model.generate(ids.to(model.device), max_new_tokens=4, do_sample=False)
+    finally:
+        DecodeLinear.use_kernel = -1
+    # the prefill's 22 rows take F.linear; each of the 3 decode steps' 2 rows takes the kernel in every swapped layer
+    assert len(launches) == 3 * len(swapped) and all(shape[0] == 2 for shape in launches)
+    # bf16 products rounded once either way; greedy tokens of a random model may differ only where
+    # two logits tie within that rounding, which these inputs do not reach
+    assert torch.equal(got.cpu(), want.cpu())
+    sa.disable(model)
+    assert all(m is originals[name] for name, m in model.named_modules() if name in originals)
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())
+
+
+def test_fast_linear_must_be_a_bool():
+    import spotlight_attn as sa
+    from spotlight_attn.errors import SpotlightError
+
+    with pytest.raises(SpotlightError, match="fast_linear"):
+        sa.SpotlightConfig(fast_linear="yes")

@@ -108,6 +108,9 @@ class SpotlightConfig:
     # DeferredStopCheck), so the device never waits for the host between steps; when EOS or a stopping
     # criterion ends generation, one extra step runs and is undone before generate() returns.
     defer_stop: bool = True
+    # The decoder's nn.Linear projections through the split-K decode GEMM (decode_linear.py) for inputs
+    # of <= 16 rows on CUDA; prefill and every other device keep F.linear.
+    fast_linear: bool = False
 
     def __post_init__(self):
         try:
@@ -122,6 +125,8 @@ class SpotlightConfig:
             raise SpotlightError(f"bits must be an int >= 1, got {self.bits!r}")
         if not isinstance(self.page_size, int) or self.page_size < 1:
             raise SpotlightError(f"page_size must be an int >= 1, got {self.page_size!r}")
+        if not isinstance(self.fast_linear, bool):
+            raise SpotlightError(f"fast_linear must be True or False, got {self.fast_linear!r}")
         if self.cache not in ("auto", "static", "dynamic"):
             raise SpotlightError(f"cache must be 'auto', 'static' or 'dynamic', got {self.cache!r}")
         self.budget_spec  # validates budget, min_tokens, sink, window
