@@ -4,11 +4,10 @@ A decode step of the Llama-3-8B shape multiplies B = 1..8 rows by every weight m
 weights (15 GB) are cold, so each GEMM's floor is its weight bytes over the copy bandwidth. The
 profile (docs/BENCHMARKS.md) puts the model's GEMMs at 80% of it, in the dense and sparse rows alike.
 This times, per weight shape and batch, F.linear through cuBLAS and cuBLASLt (torch's
-preferred_blas_library), through inductor's max-autotune GEMM templates, and through the project's
-split-K kernel (kernels/linear.py: its default plan and the launch variants in SKINNY_VARIANTS),
-each in a CUDA graph that walks over enough weight copies to defeat L2.
+preferred_blas_library) and through inductor's max-autotune GEMM templates, each in a CUDA graph
+that walks over enough weight copies to defeat L2.
 
-    python3 benchmarks/gemm_probe.py [--batch 1,6] [--autotune] [--no-skinny] --out DIR
+    python3 benchmarks/gemm_probe.py [--batch 1,6] [--autotune] --out DIR
 """
 
 from __future__ import annotations
@@ -24,18 +23,9 @@ import torch.nn.functional as F
 # (name, in, out) of the Llama-3-8B shape's projections (transformers' LlamaForCausalLM keeps them apart)
 SHAPES = [("q_proj/o_proj", 4096, 4096), ("k_proj/v_proj", 4096, 1024), ("gate/up", 4096, 14336),
           ("down", 14336, 4096), ("lm_head", 4096, 128256),
-          ("qkv fused", 4096, 6144)]  # what q, k and v would cost as one GEMM (not in the step today)
+          ("qkv fused", 4096, 6144), ("gate/up fused", 4096, 28672)]  # SpotlightConfig(fuse_projections=True)
 # How many of each the step runs: 32 layers x (q, o), x (k, v), x (gate, up), x down, and one lm_head.
-PER_STEP = {"q_proj/o_proj": 64, "k_proj/v_proj": 64, "gate/up": 64, "down": 32, "lm_head": 1, "qkv fused": 0}
-SKINNY_VARIANTS = [  # keyword arguments of _skinny_linear_triton; the first is the default plan
-    dict(),
-    dict(block_k=256),
-    dict(num_warps=2),
-    dict(stages=6),
-    dict(programs_per_sm=8),
-    dict(block_n=32),
-    dict(block_n=64, num_warps=8),
-]
+PER_STEP = {"q_proj/o_proj": 64, "k_proj/v_proj": 64, "gate/up": 64, "down": 32, "lm_head": 1, "qkv fused": 0, "gate/up fused": 0}
 
 
 def copy_bandwidth() -> float:
@@ -85,7 +75,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,6")
     parser.add_argument("--autotune", action="store_true", help="also inductor max-autotune (minutes of tuning)")
-    parser.add_argument("--no-skinny", action="store_true", help="leave the split-K kernel out")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -108,26 +97,10 @@ def main() -> None:
                 torch._dynamo.reset()
                 compiled = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
                 row["autotune_us"] = graph_time(compiled, xs, ws) * 1e6
-            if not args.no_skinny:
-                from spotlight_attn.kernels.linear import _skinny_linear_triton
-
-                ref = F.linear(xs[0], ws[0]).float()
-                times = {}
-                for variant in SKINNY_VARIANTS:
-                    fn = lambda x, w, v=variant: _skinny_linear_triton(x, w, **v)  # noqa: E731
-                    err = float((fn(xs[0], ws[0]).float() - ref).abs().max() / ref.abs().max())
-                    if err > 1e-2:
-                        print(f"  skinny {variant}: ERROR {err:.1e}")
-                        continue
-                    times[str(variant)] = graph_time(fn, xs, ws) * 1e6
-                row["skinny_us"] = times[str(SKINNY_VARIANTS[0])]
-                best = min(times, key=times.get)
-                row["skinny_best_us"], row["skinny_best"] = times[best], best
-                row["skinny_variants"] = times
             rows.append(row)
             cells = "  ".join(f"{key[:-3]} {row[key]:7.1f} us ({floor * 1e6 / row[key]:.0%})"
                               for key in row if key.endswith("_us") and key != "floor_us")
-            print(f"B={m} {name:14s} floor {floor * 1e6:7.1f} us  {cells}" + (f"  best {row['skinny_best']}" if "skinny_best" in row else ""), flush=True)
+            print(f"B={m} {name:14s} floor {floor * 1e6:7.1f} us  {cells}", flush=True)
             del ws, xs
     for m in sorted({r["batch"] for r in rows}):
         mine = [r for r in rows if r["batch"] == m]

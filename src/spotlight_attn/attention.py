@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from spotlight_attn import compat, decode_linear
+from spotlight_attn import compat, fused_projections
 from spotlight_attn.cache import SpotlightCache
 from spotlight_attn.config import Method, SpotlightConfig
 from spotlight_attn.errors import HasherMismatchError, SpotlightError
@@ -76,7 +76,7 @@ class Installed:
     static_cache: SpotlightStaticCache | None = None  # the last one made, reused by the next generate() that fits
     previous_cache_implementation: str | None = None  # generation_config's before enable() set "static"
     set_static: bool = False  # enable() set generation_config.cache_implementation; disable() restores it
-    linears: list | None = None  # the (parent, name, nn.Linear) decode_linear.install swapped (fast_linear)
+    fused: list | None = None  # the groups fused_projections.install fused (SpotlightConfig.fuse_projections)
 
     def new_cache(self) -> SpotlightCache:
         specs = [
@@ -373,8 +373,8 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
         generation.cache_implementation = "static"
     if config.defer_stop:
         compat.defer_stop_checks()  # serves only our static cache, whichever way generate() chose it
-    if config.fast_linear:
-        installed.linears = decode_linear.install(decoder)
+    if config.fuse_projections:
+        installed.fused = fused_projections.install(decoder)
     model.spotlight = installed
     logger.info("spotlight enabled: method=%s budget=%s dense_layers=%s", config.method.value, config.budget, config.dense_layers)
     return model
@@ -432,7 +432,7 @@ def disable(model):
     if installed is None:
         return model
     installed.hook.remove()
-    decode_linear.uninstall(installed.linears or [])
+    fused_projections.uninstall(installed.fused or [])
     model.set_attn_implementation(installed.previous_attention)
     generation = getattr(model, "generation_config", None)
     if installed.set_static and generation is not None and generation.cache_implementation == "static":

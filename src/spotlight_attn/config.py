@@ -108,9 +108,9 @@ class SpotlightConfig:
     # DeferredStopCheck), so the device never waits for the host between steps; when EOS or a stopping
     # criterion ends generation, one extra step runs and is undone before generate() returns.
     defer_stop: bool = True
-    # The decoder's nn.Linear projections through the split-K decode GEMM (decode_linear.py) for inputs
-    # of <= 16 rows on CUDA; prefill and every other device keep F.linear.
-    fast_linear: bool = False
+    # Sibling projections that read one input (q/k/v, gate/up) run as one GEMM over their weights stored
+    # side by side (fused_projections.py): no second copy of any weight, any device.
+    fuse_projections: bool = False
 
     def __post_init__(self):
         try:
@@ -125,8 +125,8 @@ class SpotlightConfig:
             raise SpotlightError(f"bits must be an int >= 1, got {self.bits!r}")
         if not isinstance(self.page_size, int) or self.page_size < 1:
             raise SpotlightError(f"page_size must be an int >= 1, got {self.page_size!r}")
-        if not isinstance(self.fast_linear, bool):
-            raise SpotlightError(f"fast_linear must be True or False, got {self.fast_linear!r}")
+        if not isinstance(self.fuse_projections, bool):
+            raise SpotlightError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
         if self.cache not in ("auto", "static", "dynamic"):
             raise SpotlightError(f"cache must be 'auto', 'static' or 'dynamic', got {self.cache!r}")
         self.budget_spec  # validates budget, min_tokens, sink, window

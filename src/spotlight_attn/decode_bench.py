@@ -83,7 +83,7 @@ class Settings:
     warmup: int = 8  # new tokens of the warm-up call
     dense_layers: tuple[int, ...] = (0, 1)
     baselines: tuple[str, ...] = ("hf-static", "dense")
-    fast_linear: bool = False  # SpotlightConfig.fast_linear for every row but hf-static (transformers' own)
+    fuse_projections: bool = False  # SpotlightConfig.fuse_projections for every row but hf-static (transformers' own)
 
 
 @dataclass(slots=True)
@@ -105,7 +105,7 @@ class DecodeRow:
     warmup_s: float = float("nan")  # the warm-up call: compilation and graph capture included
     command: str = ""
     note: str = ""  # e.g. which code an older row ran
-    fast_linear: bool = False  # the decoder's projections through the split-K decode GEMM (decode_linear.py)
+    fuse_projections: bool = False  # q/k/v and gate/up each as one GEMM (fused_projections.py)
 
     @property
     def label(self) -> str:
@@ -228,13 +228,13 @@ def _configs(model, settings: Settings):
     sparse = [i for i in range(g.num_layers) if i not in settings.dense_layers]
     device = next(model.parameters()).device
     for name in settings.baselines:
-        config = SpotlightConfig(method="dense", cache="static", fast_linear=settings.fast_linear)
+        config = SpotlightConfig(method="dense", cache="static", fuse_projections=settings.fuse_projections)
         yield (name, "none", None, None if name == "hf-static" else config, None)
     for budget in settings.budgets:
         for kind in settings.hashers:
             method = "linear" if kind == "linear" else "spotlight"
             config = SpotlightConfig(method=method, budget=budget, bits=settings.bits, dense_layers=settings.dense_layers,
-                                     cache="static", fast_linear=settings.fast_linear)
+                                     cache="static", fuse_projections=settings.fuse_projections)
             hasher = None
             if kind == "mlp":
                 hasher = MLPHasher(g, HasherConfig(bits=settings.bits, depth=2, width=g.head_dim), layers=sparse).to(device)
@@ -338,7 +338,7 @@ def _child_rows(spec, model_spec, shape, context: int, batch: int, settings: Set
                 "--hasher", ",".join(hashers), "--baselines", ",".join(baselines), "--bits", str(settings.bits),
                 "--steps", str(settings.steps), "--warmup", str(settings.warmup),
                 "--dense-layers", ",".join(map(str, settings.dense_layers)), "--json", str(out), "--no-isolate",
-                *(["--fast-linear"] if settings.fast_linear else [])]
+                *(["--fuse-projections"] if settings.fuse_projections else [])]
         child = subprocess.run(argv, capture_output=True, text=True)
         for line in child.stdout.splitlines():
             if line.startswith("#   ") or "out of memory" in line or (header and line.startswith("# decode")):
@@ -419,7 +419,7 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         row.floor_ms = step_floor_bytes(model, lengths, config, floor_hasher) / bandwidth * 1e3
         row.warmup_s = warmup_s
-        row.fast_linear = config is not None and config.fast_linear
+        row.fuse_projections = config is not None and config.fuse_projections
         if hasher_name in ("linear", "mlp", "learned"):
             from spotlight_attn.hashing.hasher import hash_path
 

@@ -95,8 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     dec.add_argument("--steps", type=int, default=32, help="new tokens of the timed generate() call (default: %(default)s)")
     dec.add_argument("--warmup", type=int, default=8, help="new tokens of the warm-up call (default: %(default)s)")
     dec.add_argument("--dense-layers", default="0,1", help="layers the spotlight rows keep dense, '' for none (default: %(default)s)")
-    dec.add_argument("--fast-linear", action="store_true",
-                     help="the decoder's projections through the split-K decode GEMM, in every row but hf-static")
+    dec.add_argument("--fuse-projections", action="store_true",
+                     help="q/k/v and gate/up each as one GEMM (SpotlightConfig.fuse_projections), in every row but hf-static")
     dec.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     dec.add_argument("--plot", type=Path, metavar="PNG", help="also draw tokens/s per configuration (needs matplotlib)")
     dec.add_argument("--no-isolate", dest="isolate", action="store_false",
@@ -154,7 +154,7 @@ def run_decode(args) -> int:
         raise SpotlightError("--plot needs matplotlib: pip install matplotlib")
     require_cuda()
     settings = Settings(budgets, hashers, bits=args.bits, steps=args.steps, warmup=args.warmup, dense_layers=dense_layers,
-                        baselines=baselines, fast_linear=args.fast_linear)
+                        baselines=baselines, fuse_projections=args.fuse_projections)
     command = "spotlight " + " ".join(sys.argv[1:])
     if not baselines and not hashers:
         raise SpotlightError("nothing to measure: give --hasher or --baselines")

@@ -11,7 +11,6 @@ outputs have shapes fixed by their arguments, so a whole decode step can be capt
     spotlight::dense_decode(query, keys_by_token, values_by_token, lengths, cu_k, scaling) -> out
     spotlight::hash_codes(x, w1, b1, w2, b2, proj, use_kernel) -> codes (kernels/hash.py)
     spotlight::step_hash_codes(query, keys_by_token, lengths, codes!, w1, b1, w2, b2, proj, use_kernel) -> query codes
-    spotlight::skinny_linear(x, weight, bias, use_kernel) -> x @ weight^T + bias for a decode step's few rows (kernels/linear.py)
 """
 
 from __future__ import annotations
@@ -167,19 +166,3 @@ def step_hash_codes_op(
 def _(query, keys_by_token, lengths, codes, w1, b1, w2, b2, proj, use_kernel=-1):
     b, hq, hkv = query.shape[0], query.shape[1], keys_by_token.shape[2]
     return query.new_empty((b, hkv, hq // hkv, codes.shape[-1]), dtype=torch.int32)
-
-
-@torch.library.custom_op("spotlight::skinny_linear", mutates_args=())
-def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: int = -1) -> torch.Tensor:
-    """x [M, K] (M <= 16: a decode step's rows), weight [N, K], bias [N] or None -> [M, N] in x's dtype.
-    The split-K kernel (kernels/linear.py) where it serves the shapes on CUDA, else F.linear."""
-    from spotlight_attn.kernels.linear import _skinny_linear_triton, skinny_linear_reference, skinny_serves
-
-    if _use((x, weight), use_kernel) and skinny_serves(x, weight):
-        return _skinny_linear_triton(x, weight, bias)
-    return skinny_linear_reference(x, weight, bias)
-
-
-@skinny_linear_op.register_fake
-def _(x, weight, bias, use_kernel=-1):
-    return x.new_empty((x.shape[0], weight.shape[0]))
