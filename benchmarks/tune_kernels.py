@@ -60,12 +60,13 @@ HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
 ]
 DECODE_VARIANTS = [  # keyword arguments of _sparse_decode_triton
     dict(),
-    dict(prefetch_kv=True),
-    dict(prefetch_kv=True, block_n=32),
-    dict(prefetch_kv=True, programs_per_sm=4, max_splits=64),
-    dict(prefetch_kv=True, block_n=32, programs_per_sm=4, max_splits=64),
     dict(programs_per_sm=4, max_splits=64),
+    dict(programs_per_sm=8, max_splits=64),
     dict(block_n=32),
+    dict(block_n=32, programs_per_sm=4, max_splits=64),
+    dict(programs_per_sm=1),
+    dict(num_warps=8),
+    dict(num_stages=3),
 ]
 
 

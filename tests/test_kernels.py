@@ -304,21 +304,6 @@ def test_sparse_decode_holes_and_many_splits(dtype):
     check_decode(2, 2, 3, 128, 500, 200, dtype, seed=4, holes=True)
 
 
-@pytest.mark.parametrize("shape", DECODE_SHAPES[1:4] + DECODE_SHAPES[5:], ids=lambda s: "-".join(map(str, s)))
-def test_sparse_decode_with_the_next_block_in_flight(shape):
-    """prefetch_kv (the next block's K/V gathered while this one is computed) gives the same outputs,
-    bit for bit, as the default loop, here with 16-slot blocks so that a split runs several of them."""
-    check_decode(*shape, torch.bfloat16, seed=sum(shape) + 1, block_n=16, prefetch_kv=True)
-    g = torch.Generator().manual_seed(7)
-    b, hkv, group, d, t, k = shape
-    query, keys, values = (torch.randn(*s, generator=g).bfloat16().to(DEVICE)
-                           for s in ((b, hkv * group, 1, d), (b, hkv, t, d), (b, hkv, t, d)))
-    indices = random_indices(b, hkv, t, k, g, holes=True).to(DEVICE)
-    for launch in (dict(block_n=16), dict(block_n=16, split_len=32)):
-        want = _sparse_decode_triton(query, keys, values, indices, d**-0.5, **launch)
-        assert torch.equal(_sparse_decode_triton(query, keys, values, indices, d**-0.5, prefetch_kv=True, **launch), want)
-
-
 def test_sparse_decode_nothing_selected():
     q = torch.randn(1, 2, 1, 64)
     kv = torch.randn(1, 1, 10, 64)

@@ -44,23 +44,13 @@ def sparse_decode_reference(
 
 
 @_triton.kernel
-def _gather_rows(k_row, v_row, pos, d, d_ok, stride_kt, stride_vt, D: tl.constexpr, D_PAD: tl.constexpr):
-    """The K and V rows [BLOCK_N, D_PAD] at positions pos (-1: zeros), both loads issued at once."""
-    used = pos >= 0
-    kv_mask = used[:, None] if D == D_PAD else used[:, None] & d_ok[None, :]
-    keys = tl.load(k_row + pos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
-    vals = tl.load(v_row + pos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
-    return keys, vals
-
-
-@_triton.kernel
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, part_ptr, stat_ptr, counter_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_ib, stride_ih, stride_ob, stride_oh,
     num_kv_heads, num_slots, split_len, n_splits, scale_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, S_BLOCK: tl.constexpr, F32_DOT: tl.constexpr, PREFETCH_KV: tl.constexpr,
+    BLOCK_N: tl.constexpr, S_BLOCK: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     """Split program_id(0) of row program_id(1) = b * Hkv + h: slots [split * split_len, +split_len).
 
@@ -91,26 +81,14 @@ def _sparse_decode_kernel(
     hi = tl.minimum(lo + split_len, num_slots)
     n_next = lo + tl.arange(0, BLOCK_N)
     pos_next = tl.load(idx_row + n_next, mask=n_next < hi, other=-1)
-    if PREFETCH_KV:  # the first block's rows, and the second block's indices, before the loop
-        pos_cur = pos_next
-        keys_next, vals_next = _gather_rows(k_row, v_row, pos_cur, d, d_ok, stride_kt, stride_vt, D, D_PAD)
-        n_next += BLOCK_N
-        pos_next = tl.load(idx_row + n_next, mask=n_next < hi, other=-1)
     for _ in range(lo, hi, BLOCK_N):
-        if PREFETCH_KV:
-            # This block's K/V were gathered one iteration ago; gather the next block's now (its
-            # indices came one iteration ago) and ask for the indices after it: two blocks in flight.
-            keys, vals, pos = keys_next, vals_next, pos_cur
-            pos_cur = pos_next
-            keys_next, vals_next = _gather_rows(k_row, v_row, pos_cur, d, d_ok, stride_kt, stride_vt, D, D_PAD)
-            n_next += BLOCK_N
-            pos_next = tl.load(idx_row + n_next, mask=n_next < hi, other=-1)
-        else:
-            pos = pos_next  # [BLOCK_N] int64, -1 = unused
-            n_next += BLOCK_N
-            pos_next = tl.load(idx_row + n_next, mask=n_next < hi, other=-1)  # next indices in flight
-            keys, vals = _gather_rows(k_row, v_row, pos, d, d_ok, stride_kt, stride_vt, D, D_PAD)  # both in flight
+        pos = pos_next  # [BLOCK_N] int64, -1 = unused
+        n_next += BLOCK_N
+        pos_next = tl.load(idx_row + n_next, mask=n_next < hi, other=-1)  # next indices in flight
         used = pos >= 0
+        kv_mask = used[:, None] if D == D_PAD else used[:, None] & d_ok[None, :]
+        keys = tl.load(k_row + pos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        vals = tl.load(v_row + pos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)  # both in flight
         if F32_DOT:
             logits = tl.dot(q.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
         else:
@@ -172,7 +150,7 @@ def _sparse_decode_kernel(
 def _sparse_decode_triton(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scaling: float,
     *, block_n: int | None = None, split_len: int | None = None, programs_per_sm: int = 2,
-    max_splits: int = 32, num_warps: int = 4, num_stages: int | None = None, prefetch_kv: bool = False,
+    max_splits: int = 32, num_warps: int = 4, num_stages: int | None = None,
 ) -> torch.Tensor:
     """Launcher: shapes as in sparse_decode_reference. The keyword arguments override the split plan
     (tests use them to force many splits; benchmarks tune them)."""
@@ -210,7 +188,6 @@ def _sparse_decode_triton(
         G=group, G_PAD=max(16, next_pow2(group)), G_P2=next_pow2(group), D=d, D_PAD=d_pad, BLOCK_N=block_n,
         S_BLOCK=max(1, min(next_pow2(splits), merge_tile // (next_pow2(group) * d_pad))),
         F32_DOT=query.dtype == torch.float32 or (query.dtype == torch.bfloat16 and device.type != "cuda"),
-        PREFETCH_KV=prefetch_kv,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return out
