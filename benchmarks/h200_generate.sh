@@ -8,8 +8,8 @@
 #   dl0       the learned-hash shape with layer 0 alone dense (--dense-layers 0), 128K x 6 and 512K x 1
 #   freeze128, freeze512  the dense and learned-hash-shape rows with inductor's freezing (TORCHINDUCTOR_FREEZING=1:
 #             weights as constants, so inductor concatenates q/k/v and gate/up into one GEMM each)
-#   fast128, fast512  the dense, SimHash and learned-hash-shape rows with --fuse-projections (q/k/v and gate/up each as
-#             one GEMM, fused_projections.py), 128K x 6 and 512K x 1
+#   unfused128, unfused512  the dense, SimHash and learned-hash-shape rows with --no-fuse-projections (q/k/v and
+#             gate/up as separate GEMMs, as before gen27), 128K x 6 and 512K x 1
 #   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
@@ -54,10 +54,10 @@ for phase in "$@"; do
     shape="--context 128K --batch 6"; name=llama3_128k_x6; [ $phase = freeze512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
     TORCHINDUCTOR_FREEZING=1 bench --shape llama3-8b $shape --budget 0.02 --hasher mlp --baselines dense \
         --json "$OUT/${name}_freeze.json" | tee "$log" ;;
-  fast128|fast512)
-    shape="--context 128K --batch 6"; name=llama3_128k_x6; [ $phase = fast512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
-    bench --shape llama3-8b $shape --budget 0.02 --hasher linear,mlp --baselines dense --fuse-projections \
-        --json "$OUT/${name}_fuse_projections.json" | tee "$log" ;;
+  unfused128|unfused512)
+    shape="--context 128K --batch 6"; name=llama3_128k_x6; [ $phase = unfused512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
+    bench --shape llama3-8b $shape --budget 0.02 --hasher linear,mlp --baselines dense --no-fuse-projections \
+        --json "$OUT/${name}_unfused.json" | tee "$log" ;;
   torch128)
     SPOTLIGHT_FUSED_HASH=0 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
         --baselines dense --json "$OUT/llama3_128k_x6_torch_hash.json" | tee "$log" ;;

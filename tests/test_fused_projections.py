@@ -1,4 +1,4 @@
-"""SpotlightConfig(fuse_projections=True): q/k/v and gate/up each as one GEMM (fused_projections.py).
+"""SpotlightConfig(fuse_projections=True), the default: q/k/v and gate/up each as one GEMM (fused_projections.py).
 
 On tiny random models, on the CPU: the same tokens as without fusion (logits within fp32 rounding of
 a GEMM split differently), eager and compiled by generate() with fullgraph=True; the Parameters
@@ -54,7 +54,7 @@ def test_same_tokens_as_unfused(family, hq, hkv, cache):
     model = tiny_model(family, hq, hkv, 16, layers=3)
     ids, mask = prompts()
     base = dict(method="linear", budget=6, bits=64, min_tokens=2, sink=1, window=1, dense_layers=(0,), cache=cache)
-    sa.enable(model, None, SpotlightConfig(**base))
+    sa.enable(model, None, SpotlightConfig(**base, fuse_projections=False))
     want, want_logits, _ = run(model, ids, mask)
     sa.enable(model, None, SpotlightConfig(**base, fuse_projections=True))
     groups = model.spotlight.fused
@@ -65,7 +65,7 @@ def test_same_tokens_as_unfused(family, hq, hkv, cache):
     sa.disable(model)
 
 
-def test_parameters_view_one_weight_and_come_back():
+def test_parameters_view_one_weight_and_come_back(tmp_path):
     model = tiny_model("qwen2", 6, 2, 16, layers=2)
     params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -81,6 +81,9 @@ def test_parameters_view_one_weight_and_come_back():
     assert set(model.state_dict()) == set(state)  # the fused buffers are not persistent
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert storages(model) == nbytes  # no weight held twice
+    model.save_pretrained(tmp_path)  # views of one buffer save as ordinary tensors
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())
     sa.disable(model)
     assert all(m is originals[n] for n, m in model.named_modules() if n in originals)
     assert not any(b.startswith(BUFFER) for b, _ in model.named_buffers())

@@ -110,7 +110,7 @@ class SpotlightConfig:
     defer_stop: bool = True
     # Sibling projections that read one input (q/k/v, gate/up) run as one GEMM over their weights stored
     # side by side (fused_projections.py): no second copy of any weight, any device.
-    fuse_projections: bool = False
+    fuse_projections: bool = True
 
     def __post_init__(self):
         try:

@@ -83,7 +83,7 @@ class Settings:
     warmup: int = 8  # new tokens of the warm-up call
     dense_layers: tuple[int, ...] = (0, 1)
     baselines: tuple[str, ...] = ("hf-static", "dense")
-    fuse_projections: bool = False  # SpotlightConfig.fuse_projections for every row but hf-static (transformers' own)
+    fuse_projections: bool = True  # SpotlightConfig.fuse_projections for every row but hf-static (transformers' own)
 
 
 @dataclass(slots=True)
@@ -105,7 +105,7 @@ class DecodeRow:
     warmup_s: float = float("nan")  # the warm-up call: compilation and graph capture included
     command: str = ""
     note: str = ""  # e.g. which code an older row ran
-    fuse_projections: bool = False  # q/k/v and gate/up each as one GEMM (fused_projections.py)
+    fuse_projections: bool = False  # q/k/v and gate/up each as one GEMM (fused_projections.py); rows before gen27 had not
 
     @property
     def label(self) -> str:
@@ -338,7 +338,7 @@ def _child_rows(spec, model_spec, shape, context: int, batch: int, settings: Set
                 "--hasher", ",".join(hashers), "--baselines", ",".join(baselines), "--bits", str(settings.bits),
                 "--steps", str(settings.steps), "--warmup", str(settings.warmup),
                 "--dense-layers", ",".join(map(str, settings.dense_layers)), "--json", str(out), "--no-isolate",
-                *(["--fuse-projections"] if settings.fuse_projections else [])]
+                *([] if settings.fuse_projections else ["--no-fuse-projections"])]
         child = subprocess.run(argv, capture_output=True, text=True)
         for line in child.stdout.splitlines():
             if line.startswith("#   ") or "out of memory" in line or (header and line.startswith("# decode")):

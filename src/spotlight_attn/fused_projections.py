@@ -13,8 +13,11 @@ other call (another input, a member called twice, autograd on) runs that member'
 results never depend on the order the model calls them in.
 
 Groups (GROUPS): q/k/v of attention, gate/up of the MLP, where the siblings exist under those
-names, are plain nn.Linear (not quantised or adapter layers), carry no hooks, and agree in input
-size, dtype, device and bias. disable() gives every Parameter its own storage back.
+names, are plain nn.Linear with plain tensor weights (not quantised, adapter or tensor-parallel
+layers), carry no hooks, and agree in input size, dtype, device and bias. disable() gives every
+Parameter its own storage back. Call enable() after the model is where it will run: `model.to()`
+afterwards moves the fused weight and the Parameters separately (correct, but twice the memory for
+those weights until disable()).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class FusedLinear(nn.Linear):
 
 def _fusable(members: list) -> bool:
     if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in members):
+        return False
+    if any(type(m.weight.data) is not torch.Tensor for m in members):  # sharded (DTensor) or quantised weights
         return False
     first = members[0].weight
     same = all(m.in_features == members[0].in_features and m.weight.dtype == first.dtype

@@ -95,8 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     dec.add_argument("--steps", type=int, default=32, help="new tokens of the timed generate() call (default: %(default)s)")
     dec.add_argument("--warmup", type=int, default=8, help="new tokens of the warm-up call (default: %(default)s)")
     dec.add_argument("--dense-layers", default="0,1", help="layers the spotlight rows keep dense, '' for none (default: %(default)s)")
-    dec.add_argument("--fuse-projections", action="store_true",
-                     help="q/k/v and gate/up each as one GEMM (SpotlightConfig.fuse_projections), in every row but hf-static")
+    dec.add_argument("--no-fuse-projections", dest="fuse_projections", action="store_false",
+                     help="q/k/v and gate/up as separate GEMMs (SpotlightConfig(fuse_projections=False)) in every row")
     dec.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     dec.add_argument("--plot", type=Path, metavar="PNG", help="also draw tokens/s per configuration (needs matplotlib)")
     dec.add_argument("--no-isolate", dest="isolate", action="store_false",
