@@ -153,3 +153,24 @@ def test_compiled_with_fullgraph_equals_eager():
 def test_fuse_projections_must_be_a_bool():
     with pytest.raises(SpotlightError, match="fuse_projections"):
         SpotlightConfig(fuse_projections="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_fused_equals_unfused():
+    """On CUDA generate() compiles and graph-captures the step (reduce-overhead): the fused buffers
+    are static inputs of the captured graph, and the tokens match the unfused step's."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", 8, 2, 64, layers=3, seed=4).cuda()
+    ids, mask = (t.cuda() for t in prompts(lengths=(300, 257, 64), seed=5))
+    base = dict(method="linear", budget=7, bits=128, sink=1, window=2, min_tokens=3, dense_layers=(0,))
+    sa.enable(model, None, SpotlightConfig(**base, fuse_projections=False))
+    want, want_logits, _ = run(model, ids, mask, new=8)
+    torch._dynamo.reset()
+    sa.enable(model, None, SpotlightConfig(**base))
+    for _ in range(2):  # the second call replays the captured graphs
+        tokens, logits, _ = run(model, ids, mask, new=8)
+        assert hasattr(model, "_compiled_call")
+        assert torch.equal(tokens, want) and close(logits, want_logits, 1e-3)
+    sa.disable(model)
+    torch._dynamo.reset()
