@@ -14,7 +14,7 @@ results never depend on the order the model calls them in.
 
 Groups (GROUPS): q/k/v of attention, gate/up of the MLP, where the siblings exist under those
 names, are plain nn.Linear with plain tensor weights (not quantised, adapter or tensor-parallel
-layers), carry no hooks, and agree in input size, dtype, device and bias. disable() gives every
+layers), carry no hooks (module hooks, or an instance-level forward such as accelerate's offload), and agree in input size, dtype, device and bias. disable() gives every
 Parameter its own storage back. Call enable() after the model is where it will run: `model.to()`
 afterwards moves the fused weight and the Parameters separately (correct, but twice the memory for
 those weights until disable()).
@@ -81,6 +81,8 @@ class FusedLinear(nn.Linear):
 
 def _fusable(members: list) -> bool:
     if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in members):
+        return False
+    if any("forward" in vars(m) or hasattr(m, "_hf_hook") for m in members):  # accelerate's offload / device hooks
         return False
     if any(type(m.weight.data) is not torch.Tensor for m in members):  # sharded (DTensor) or quantised weights
         return False
