@@ -44,6 +44,11 @@ SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
     dict(refine_tokens=1024),
     dict(score_warps=8),
     dict(coarse_bins=32),
+    dict(packed_coarse=False),  # pass 1 counts with tl.histogram (the default before)
+    dict(asm_store=False),  # pass 3 stores its picks with tl.store (the default before)
+    dict(packed_coarse=False, asm_store=False),  # the kernel as before both
+    dict(block_tokens=512),
+    dict(block_tokens=512, programs_per_sm=8),
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),

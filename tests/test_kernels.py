@@ -133,12 +133,25 @@ def test_score_select_matches_reference(shape, budget):
     check_select(*shape, budget, seed=hash((shape, str(budget))) % 10_000)
 
 
+@pytest.mark.parametrize("packed_coarse", [True, False])
 @pytest.mark.parametrize("patterns", [1, 2, 5])
 @pytest.mark.parametrize("budget", [Budget(0.3, 0, 3, 5), Budget(0.02, 1, 0, 0), Budget(1.0, 0, 0, 0)], ids=str)
-def test_score_select_ties_across_chunks(patterns, budget):
+def test_score_select_ties_across_chunks(patterns, budget, packed_coarse):
     """Keys drawn from a few codes tie massively; small blocks spread each row over many chunks, so
-    the most-recent-first tie rule must hold across chunk boundaries."""
-    check_select(3, 2, 4, 64, 1025, "left", budget, seed=patterns, patterns=patterns, block_tokens=128, max_chunks=8)
+    the most-recent-first tie rule must hold across chunk boundaries, with pass 1's packed counts
+    and with tl.histogram."""
+    check_select(3, 2, 4, 64, 1025, "left", budget, seed=patterns, patterns=patterns, block_tokens=128, max_chunks=8,
+                 packed_coarse=packed_coarse)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4, 128, 3001, "left"), (1, 3, 3, 100, 2500, "none"), (2, 1, 1, 64, 4097, "right"),
+                                   (1, 2, 2, 32, 1500, "left")], ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("budget", [Budget(0.02, 20, 4, 16), Budget(0.1, 3, 1, 2), Budget(0.0, 0, 2, 3)], ids=str)
+def test_score_select_packed_coarse_counts_equal_histogram(shape, budget):
+    """Pass 1 counts its interior blocks in packed 8-bit fields (20 bins at most) instead of
+    tl.histogram: the same picks as the reference either way, over chunks of many interior blocks."""
+    for packed in (True, False):
+        check_select(*shape, budget, seed=len(shape[5]) + shape[3], block_tokens=64, max_chunks=3, packed_coarse=packed)
 
 
 def test_score_select_single_chunk_and_many_chunks_agree():
@@ -169,7 +182,8 @@ def test_score_select_reads_grouped_query_codes_in_place(b, hkv, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the fused passes run on a GPU only (programs wait for each other)")
-@pytest.mark.parametrize("launch", [dict(), dict(block_tokens=128, max_chunks=64), dict(emit_tokens=4096, emit_warps=4)])
+@pytest.mark.parametrize("launch", [dict(), dict(block_tokens=128, max_chunks=64), dict(emit_tokens=4096, emit_warps=4),
+                                    dict(packed_coarse=False, asm_store=False), dict(block_tokens=512)])
 def test_score_select_fused_passes_equal_separate_passes(launch, monkeypatch):
     from spotlight_attn.kernels import score_select as select_module
 

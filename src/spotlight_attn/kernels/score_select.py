@@ -6,12 +6,16 @@ padding, ties to the more recent token).
 
 The Triton path selects by counting, not sorting (three launches over row chunks):
 1. `_score_kernel` scores every key once, writes a 16-bit score per key (1/8 of the code bytes at 128
-   bits, re-read by the next two passes) and a 64-bucket histogram per chunk; the last chunk of a row
-   to finish finds the bucket holding the row's k-th best score.
+   bits, re-read by the next two passes) and a histogram of buckets per chunk; the last chunk of a row
+   to finish finds the bucket holding the row's k-th best score. The chunk's interior blocks count
+   into packed 8-bit fields (at most 20 buckets, `_packed_add`), a few integer instructions a key,
+   where tl.histogram (Triton 3.6) spends ballots per bit of the bucket index: 39 instructions a key
+   in SASS, half of the pass's loop. Elsewhere 64 buckets through tl.histogram.
 2. `_refine_kernel` counts the scores inside that bucket exactly; the last chunk finds the exact
    threshold score, how many of the tied keys at the threshold to take (the most recent ones), and
    where each chunk's picks start in the output row.
-3. `_emit_kernel` writes each chunk's picks in position order, so rows come out sorted, then -1s.
+3. `_emit_kernel` writes each chunk's picks in position order, so rows come out sorted, then -1s
+   (on the GPU through a predicated PTX store, `_store_picked`).
 It needs the valid keys of each batch row to be one run [start, end) (left or right padding); any
 other key_valid falls back to the reference. docs/kernels-notes.md has the measurements behind it.
 
@@ -159,6 +163,21 @@ def _popc(v, HW: tl.constexpr):
 
 
 @_triton.kernel
+def _store_picked(ptr, value, picked, HW: tl.constexpr):
+    """value (int64) at ptr where picked. On the GPU as inline PTX: a plain tl.store at data-dependent
+    addresses makes the compiler move pointers, values and masks through shared memory into a layout
+    of its own (three barriers and ~12 instructions a key, in SASS); the predicated store stays in the
+    scan's layout."""
+    if HW:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b64 [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,l,r", [ptr.to(tl.int64, bitcast=True), value, picked.to(tl.int32)], dtype=tl.int32,
+            is_pure=False, pack=1)
+    else:
+        tl.store(ptr, value, mask=picked)
+
+
+@_triton.kernel
 def _load_codes(row_ptr, t, lo, hi, word, W: tl.constexpr, W_PAD: tl.constexpr):
     """Codes [BT, W_PAD] int32 of the keys at positions t in [lo, hi) (the scored ones); 0 elsewhere."""
     scored = (t >= lo) & (t < hi)
@@ -186,6 +205,54 @@ def _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP: t
 
 
 @_triton.kernel
+def _prefetch_l2(ptr, n, part, parts, LINES: tl.constexpr):
+    """Ask L2 to keep (evict_last) this program's share of the n int32 words at ptr: 128-byte lines
+    part, part + parts, ... One prefetch a lane, nothing waited for or returned."""
+    offs = tl.minimum((tl.arange(0, LINES) * parts + part) * 32, n - 1)
+    addr = (ptr + offs).to(tl.int64, bitcast=True)
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@_triton.kernel
+def _packed_add(acc0, acc1, acc2, acc3, acc4, f, counted, N: tl.constexpr):
+    """Add 1 per counted key to bin f (0 <= f < 4 N) of N packed counters [BT] int32: bin f is the 8-bit
+    field f % 4 of counter f // 4, kept per key slot (a slot may count 255 keys at most). A few integer
+    instructions a key, against tl.histogram's ballots per bit of the bin index (Triton 3.6)."""
+    one = tl.where(counted, 1 << ((f & 3) * 8), 0)
+    q = f >> 2
+    acc0 += tl.where(q == 0, one, 0)
+    if N > 1:
+        acc1 += tl.where(q == 1, one, 0)
+    if N > 2:
+        acc2 += tl.where(q == 2, one, 0)
+    if N > 3:
+        acc3 += tl.where(q == 3, one, 0)
+    if N > 4:
+        acc4 += tl.where(q == 4, one, 0)
+    return acc0, acc1, acc2, acc3, acc4
+
+
+@_triton.kernel
+def _packed_hist(acc0, acc1, acc2, acc3, acc4, NB: tl.constexpr, N: tl.constexpr):
+    """The N packed counters of _packed_add -> their histogram [NB] int32 (NB >= 4 N): each field is
+    unpacked per key slot first, then summed in int32."""
+    bins = tl.arange(0, NB)
+    hist = tl.full([NB], 0, tl.int32)
+    for field in tl.static_range(4):
+        hist += tl.where(bins == field, _sum((acc0 >> (8 * field)) & 0xFF, axis=0), 0)
+        if N > 1:
+            hist += tl.where(bins == 4 + field, _sum((acc1 >> (8 * field)) & 0xFF, axis=0), 0)
+        if N > 2:
+            hist += tl.where(bins == 8 + field, _sum((acc2 >> (8 * field)) & 0xFF, axis=0), 0)
+        if N > 3:
+            hist += tl.where(bins == 12 + field, _sum((acc3 >> (8 * field)) & 0xFF, axis=0), 0)
+        if N > 4:
+            hist += tl.where(bins == 16 + field, _sum((acc4 >> (8 * field)) & 0xFF, axis=0), 0)
+    return hist
+
+
+@_triton.kernel
 def _score_block_masked(
     k_row, score_row, t, start, end, lo, hi, T, sink, window, majority, plane0, plane1, plane2, plane3, plane4,
     hist, n_forced, word, W: tl.constexpr, W_PAD: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr,
@@ -210,6 +277,7 @@ def _score_chunk(
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+    CP: tl.constexpr,
 ):
     """Pass 1's scoring of one chunk of row = b * Hkv + h: writes score[row, t] int16 (x, FORCED, or -1
     for padding), hist[row, chunk, NBC] and forced[row, chunk]; returns the row's k_row."""
@@ -258,6 +326,11 @@ def _score_chunk(
                 W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED)
         t_next = t0 + first * BT + tl.arange(0, BT)
         codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
+        c0 = tl.full([BT], 0, tl.int32)  # CP > 0: _packed_add's counters of the interior blocks
+        c1 = c0
+        c2 = c0
+        c3 = c0
+        c4 = c0
         for blk in range(first, last):
             t = t_next
             codes = codes_next
@@ -265,7 +338,12 @@ def _score_chunk(
             codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)  # next block in flight
             x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
             tl.store(score_row + t, x.to(tl.int16))
-            hist += tl.histogram(x >> SHIFT, NBC)
+            if CP > 0:
+                c0, c1, c2, c3, c4 = _packed_add(c0, c1, c2, c3, c4, x >> SHIFT, True, CP)
+            else:
+                hist += tl.histogram(x >> SHIFT, NBC)
+        if CP > 0:
+            hist += _packed_hist(c0, c1, c2, c3, c4, NBC, CP)
         for blk in range(last, chunk_blocks):
             hist, n_forced = _score_block_masked(
                 k_ptr + row_off, score_row, t0 + blk * BT + tl.arange(0, BT), start, end, lo, hi, T, sink, window,
@@ -325,22 +403,26 @@ def _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_ro
 
 @_triton.kernel
 def _score_kernel(
-    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr, pf_ptr, pf_n,
     stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+    CP: tl.constexpr,
+    PF_LINES: tl.constexpr,
 ):
     """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h (_score_chunk); the row's last
     chunk to finish reduces every chunk's counts (_score_reduce; release/acquire through the counter)."""
     chunk = tl.program_id(0)
     row = tl.program_id(1)
+    if PF_LINES > 0:
+        _prefetch_l2(pf_ptr, pf_n, row * n_chunks + chunk, tl.num_programs(0) * tl.num_programs(1), PF_LINES)
     k_row = _score_chunk(
         q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
         stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
         num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
-        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT,
+        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
     )
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
@@ -356,17 +438,15 @@ def _refine_counts(
     """Pass 2's counting: the keys of [t0, stop) whose scores fall inside the row's threshold bucket,
     per exact score -> fine [FB]."""
     bucket = tl.load(state_ptr + row * 4, cache_modifier=".cg")  # .cg: in the fused kernels, written just now
-    fine_bins = tl.arange(0, FB)
     fine = tl.full([FB], 0, tl.int32)
     lo = bucket << SHIFT  # the bucket's scores are [lo, hi); padding (-1) and FORCED fall outside
     hi = tl.minimum((bucket + 1) << SHIFT, FORCED)
-    # PACKED (FB <= 16): each key adds 1 to an 8-bit field of one of FB/4 int32 counters, kept per key
-    # slot across the loop (a slot sees at most 255 blocks, see the launcher) and reduced once at the
-    # end: no per-block reduction and no tl.histogram ballots.
+    # PACKED (FB <= 16): _packed_add's counters, kept per key slot across the loop (a slot sees at
+    # most 255 blocks, see the launcher) and reduced once at the end.
     acc0 = tl.full([BT], 0, tl.int32)
-    acc1 = tl.full([BT], 0, tl.int32)
-    acc2 = tl.full([BT], 0, tl.int32)
-    acc3 = tl.full([BT], 0, tl.int32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     t_next = t0 + tl.arange(0, BT)
     s_next = tl.load(score_row + t_next, mask=t_next < stop, other=-1)
     for _ in range(t0, stop, BT):
@@ -376,25 +456,11 @@ def _refine_counts(
         inside = (s >= lo) & (s < hi)
         f = s - lo
         if PACKED:
-            one = tl.where(inside, 1 << ((f & 3) * 8), 0)
-            acc0 += tl.where((f >> 2) == 0, one, 0)
-            if FB > 4:
-                acc1 += tl.where((f >> 2) == 1, one, 0)
-            if FB > 8:
-                acc2 += tl.where((f >> 2) == 2, one, 0)
-            if FB > 12:
-                acc3 += tl.where((f >> 2) == 3, one, 0)
+            acc0, acc1, acc2, acc3, _ = _packed_add(acc0, acc1, acc2, acc3, acc0, f, inside, (FB + 3) // 4)
         else:
             fine += tl.histogram(f, FB, mask=inside)
-    if PACKED:  # unpack per key slot first, then sum the fields in int32
-        for field in tl.static_range(4):
-            fine += tl.where(fine_bins == field, _sum((acc0 >> (8 * field)) & 0xFF, axis=0), 0)
-            if FB > 4:
-                fine += tl.where(fine_bins == 4 + field, _sum((acc1 >> (8 * field)) & 0xFF, axis=0), 0)
-            if FB > 8:
-                fine += tl.where(fine_bins == 8 + field, _sum((acc2 >> (8 * field)) & 0xFF, axis=0), 0)
-            if FB > 12:
-                fine += tl.where(fine_bins == 12 + field, _sum((acc3 >> (8 * field)) & 0xFF, axis=0), 0)
+    if PACKED:
+        fine = _packed_hist(acc0, acc1, acc2, acc3, acc0, FB, (FB + 3) // 4)
     return fine
 
 
@@ -458,7 +524,7 @@ def _refine_kernel(
 def _emit_chunk(
     score_row, out_row, state_ptr, emit_ptr, bounds_ptr, row, chunk,
     num_kv_heads, T, k, chunk_tokens, n_chunks,
-    BT: tl.constexpr, FORCED: tl.constexpr,
+    BT: tl.constexpr, FORCED: tl.constexpr, HW: tl.constexpr,
 ):
     """Pass 3 for one chunk: out_row gets the chunk's picked positions (int64) at its offset, in
     position order; chunk 0 also fills the row's unused tail with -1. The row's threshold and the
@@ -487,7 +553,7 @@ def _emit_chunk(
         taken_upto = tl.maximum(ties_upto - skip, 0) - taken_before
         picked = sure | (tie & (ties_upto > skip))
         slot = offset + (running & 0xFFFF) + taken_upto - 1
-        tl.store(out_row + slot, t.to(tl.int64), mask=picked)
+        _store_picked(out_row + slot, t.to(tl.int64), picked, HW)
         total = _sum(both, axis=0)
         offset += (total & 0xFFFF) + tl.maximum(ties_seen + (total >> 16) - skip, 0) - taken_before
         ties_seen += total >> 16
@@ -502,26 +568,28 @@ def _emit_chunk(
 def _emit_kernel(
     score_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr,
     num_kv_heads, T, score_stride, k, chunk_tokens, n_chunks,
-    BT: tl.constexpr, FORCED: tl.constexpr,
+    BT: tl.constexpr, FORCED: tl.constexpr, HW: tl.constexpr,
 ):
     """Pass 3 for chunk program_id(0) of row program_id(1) (_emit_chunk)."""
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     _emit_chunk(
         score_ptr + row.to(tl.int64) * score_stride, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
-        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT, FORCED,
+        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT, FORCED, HW,
     )
 
 
 @_triton.kernel
 def _select_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, fine_ptr, emit_ptr, out_ptr,
-    counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+    counter_ptr, pf_ptr, pf_n, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
     num_kv_heads, T, score_stride, bits, sink, window, k, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+    CP: tl.constexpr,
     FB: tl.constexpr, BT_REFINE: tl.constexpr, BT_EMIT: tl.constexpr, PACKED: tl.constexpr, SCORE: tl.constexpr,
+    ASM_STORE: tl.constexpr, PF_LINES: tl.constexpr,
 ):
     """The passes in one launch (CUDA only; the launcher checks that every program is resident): all
     three with SCORE, else passes 2 and 3 after _score_kernel (the score arguments then go unused).
@@ -537,11 +605,13 @@ def _select_kernel(
     row = tl.program_id(1)
     counters = counter_ptr + row * 4
     if SCORE:
+        if PF_LINES > 0:
+            _prefetch_l2(pf_ptr, pf_n, row * n_chunks + chunk, tl.num_programs(0) * tl.num_programs(1), PF_LINES)
         k_row = _score_chunk(
             q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
             stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
             num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
-            G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT,
+            G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
         )
         tl.debug_barrier()
         if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
@@ -570,7 +640,7 @@ def _select_kernel(
 
     _emit_chunk(
         score_row, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
-        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT_EMIT, FORCED,
+        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT_EMIT, FORCED, ASM_STORE,
     )
     tl.debug_barrier()
     if tl.atomic_add(counters + 3, 1, sem="acq_rel") == n_chunks - 1:
@@ -597,7 +667,10 @@ def _score_select_triton(
     coarse_bins: int = COARSE_BINS,
     score_maxnreg: int | None = None,
     split_interior: bool = True,
+    packed_coarse: bool = True,
+    asm_store: bool = True,
     fuse: str = "all",
+    l2_prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (any strides but the last),
     key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
@@ -608,7 +681,12 @@ def _score_select_triton(
     same kernel, after _score_kernel), "none" three launches. Fusing is done only where it is safe: on a GPU, not
     in the interpreter (its programs run one after another, so one could never wait for another), and
     when the device holds every program of the launch at once (a program waits for its row's others);
-    elsewhere the passes run as separate launches, with the same results."""
+    elsewhere the passes run as separate launches, with the same results.
+
+    l2_prefetch: a tensor the step reads next (the layer's output projection weights), asked into L2
+    (evict_last) by pass 1's programs as they start. Pass 1 waits on its instructions and its loads'
+    latency, not on DRAM bandwidth (35% of it, under Nsight Compute), so the weights arrive in its
+    shadow. On the GPU only; ignored where it is not contiguous or not whole 4-byte words."""
     if fuse not in ("all", "tail", "none"):
         raise ValueError(f"fuse must be 'all', 'tail' or 'none', not {fuse!r}")
     _triton.bind(globals())
@@ -634,6 +712,9 @@ def _score_select_triton(
     while (x_max >> shift) >= coarse_bins:
         shift += 1
     fine_bins = max(1 << shift, 2)
+    packed_shift = 0  # packed coarse counts: at most 20 bins (5 counters of four 8-bit fields)
+    while (x_max >> packed_shift) >= 20:
+        packed_shift += 1
     rows = b * hkv
     bt = block_tokens or (256 if device.type != "cuda" else 1024)
     blocks = cdiv(t, bt)
@@ -651,6 +732,13 @@ def _score_select_triton(
     bt_emit = bt * (chunk_blocks & -chunk_blocks)  # the largest power-of-two multiple of bt dividing a chunk
     bt_emit = max(min(bt_emit, emit_tokens), min(bt, emit_tokens))
     maxc = next_pow2(chunks)
+    # Pass 1 counts its interior blocks in packed 8-bit fields (_packed_add) where a key slot sees at
+    # most 255 of them and pass 2's bucket stays within its own packed counters (16 scores).
+    coarse_packed = 0
+    if packed_coarse and chunk_blocks <= 255 and (1 << packed_shift) <= 16:
+        coarse_packed = cdiv((x_max >> packed_shift) + 1, 4)
+        shift, coarse_bins = packed_shift, next_pow2(4 * coarse_packed)
+        fine_bins = max(1 << shift, 2)
 
     i32 = dict(dtype=torch.int32, device=device)
     # Rows of the int16 score buffer start on 128-byte boundaries whatever T is: with an odd T the
@@ -668,18 +756,25 @@ def _score_select_triton(
     score_meta = dict(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
-        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior,
+        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed, PF_LINES=0,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
     strides = (query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1))
+    pf, pf_n = key_codes, 1  # l2_prefetch as int32 words; unused when PF_LINES is 0
+    if gpu and l2_prefetch is not None and l2_prefetch.is_contiguous():
+        words = l2_prefetch.numel() * l2_prefetch.element_size() // 4
+        if 0 < words < 2**31 and l2_prefetch.numel() * l2_prefetch.element_size() % 4 == 0:
+            pf, pf_n = l2_prefetch.view(-1).view(torch.int32), words
+            score_meta["PF_LINES"] = next_pow2(cdiv(cdiv(words, 32), chunks * rows))
     bt_refine = min(bt_emit, refine_tokens)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
     fusing = gpu and fuse != "none"
     if fusing:
         fused_args = (query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, fine, emit, out,
-                      _triton.zeroed_counters(device, 4 * rows), *strides,
+                      _triton.zeroed_counters(device, 4 * rows), pf, pf_n, *strides,
                       hkv, t, t_stride, bits, budget.sink, budget.window, plan.k, chunks, chunk_blocks)
-        fused_meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed)
+        fused_meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed,
+                          ASM_STORE=gpu and asm_store)
     if fusing and fuse == "all":
         meta = dict(fused_meta, SCORE=True)
         if chunks * rows <= _triton.resident_programs(_select_kernel, fused_args, meta, device):
@@ -687,7 +782,7 @@ def _score_select_triton(
             return out
     counters = _triton.zeroed_counters(device, rows)  # passes 1 and 2 each leave them at zero
     _score_kernel[grid](
-        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
+        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters, pf, pf_n,
         *strides, hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks, **score_meta,
     )
     if fusing:  # "tail", or "all" where the whole kernel did not fit
@@ -702,7 +797,7 @@ def _score_select_triton(
     )
     _emit_kernel[grid](
         scores, state, emit, plan.bounds, out, hkv, t, t_stride, plan.k, chunk_tokens, chunks,
-        BT=bt_emit, FORCED=FORCED, num_warps=emit_warps,
+        BT=bt_emit, FORCED=FORCED, HW=gpu and asm_store, num_warps=emit_warps,
     )
     return out
 
