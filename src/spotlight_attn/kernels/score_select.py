@@ -205,16 +205,6 @@ def _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP: t
 
 
 @_triton.kernel
-def _prefetch_l2(ptr, n, part, parts, LINES: tl.constexpr):
-    """Ask L2 to keep (evict_last) this program's share of the n int32 words at ptr: 128-byte lines
-    part, part + parts, ... One prefetch a lane, nothing waited for or returned."""
-    offs = tl.minimum((tl.arange(0, LINES) * parts + part) * 32, n - 1)
-    addr = (ptr + offs).to(tl.int64, bitcast=True)
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@_triton.kernel
 def _packed_add(acc0, acc1, acc2, acc3, acc4, f, counted, N: tl.constexpr):
     """Add 1 per counted key to bin f (0 <= f < 4 N) of N packed counters [BT] int32: bin f is the 8-bit
     field f % 4 of counter f // 4, kept per key slot (a slot may count 255 keys at most). A few integer
@@ -403,21 +393,18 @@ def _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_ro
 
 @_triton.kernel
 def _score_kernel(
-    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr, pf_ptr, pf_n,
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
     stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
     CP: tl.constexpr,
-    PF_LINES: tl.constexpr,
 ):
     """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h (_score_chunk); the row's last
     chunk to finish reduces every chunk's counts (_score_reduce; release/acquire through the counter)."""
     chunk = tl.program_id(0)
     row = tl.program_id(1)
-    if PF_LINES > 0:
-        _prefetch_l2(pf_ptr, pf_n, row * n_chunks + chunk, tl.num_programs(0) * tl.num_programs(1), PF_LINES)
     k_row = _score_chunk(
         q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
         stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
@@ -582,14 +569,14 @@ def _emit_kernel(
 @_triton.kernel
 def _select_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, fine_ptr, emit_ptr, out_ptr,
-    counter_ptr, pf_ptr, pf_n, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+    counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
     num_kv_heads, T, score_stride, bits, sink, window, k, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
     CP: tl.constexpr,
     FB: tl.constexpr, BT_REFINE: tl.constexpr, BT_EMIT: tl.constexpr, PACKED: tl.constexpr, SCORE: tl.constexpr,
-    ASM_STORE: tl.constexpr, PF_LINES: tl.constexpr,
+    ASM_STORE: tl.constexpr,
 ):
     """The passes in one launch (CUDA only; the launcher checks that every program is resident): all
     three with SCORE, else passes 2 and 3 after _score_kernel (the score arguments then go unused).
@@ -605,8 +592,6 @@ def _select_kernel(
     row = tl.program_id(1)
     counters = counter_ptr + row * 4
     if SCORE:
-        if PF_LINES > 0:
-            _prefetch_l2(pf_ptr, pf_n, row * n_chunks + chunk, tl.num_programs(0) * tl.num_programs(1), PF_LINES)
         k_row = _score_chunk(
             q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
             stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
@@ -670,7 +655,6 @@ def _score_select_triton(
     packed_coarse: bool = True,
     asm_store: bool = True,
     fuse: str = "all",
-    l2_prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (any strides but the last),
     key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
@@ -681,12 +665,7 @@ def _score_select_triton(
     same kernel, after _score_kernel), "none" three launches. Fusing is done only where it is safe: on a GPU, not
     in the interpreter (its programs run one after another, so one could never wait for another), and
     when the device holds every program of the launch at once (a program waits for its row's others);
-    elsewhere the passes run as separate launches, with the same results.
-
-    l2_prefetch: a tensor the step reads next (the layer's output projection weights), asked into L2
-    (evict_last) by pass 1's programs as they start. Pass 1 waits on its instructions and its loads'
-    latency, not on DRAM bandwidth (35% of it, under Nsight Compute), so the weights arrive in its
-    shadow. On the GPU only; ignored where it is not contiguous or not whole 4-byte words."""
+    elsewhere the passes run as separate launches, with the same results."""
     if fuse not in ("all", "tail", "none"):
         raise ValueError(f"fuse must be 'all', 'tail' or 'none', not {fuse!r}")
     _triton.bind(globals())
@@ -756,22 +735,16 @@ def _score_select_triton(
     score_meta = dict(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
-        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed, PF_LINES=0,
+        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
     strides = (query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1))
-    pf, pf_n = key_codes, 1  # l2_prefetch as int32 words; unused when PF_LINES is 0
-    if gpu and l2_prefetch is not None and l2_prefetch.is_contiguous():
-        words = l2_prefetch.numel() * l2_prefetch.element_size() // 4
-        if 0 < words < 2**31 and l2_prefetch.numel() * l2_prefetch.element_size() % 4 == 0:
-            pf, pf_n = l2_prefetch.view(-1).view(torch.int32), words
-            score_meta["PF_LINES"] = next_pow2(cdiv(cdiv(words, 32), chunks * rows))
     bt_refine = min(bt_emit, refine_tokens)
     packed = fine_bins <= 16 and cdiv(chunk_tokens, bt_refine) <= 255  # its 8-bit fields count blocks
     fusing = gpu and fuse != "none"
     if fusing:
         fused_args = (query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, fine, emit, out,
-                      _triton.zeroed_counters(device, 4 * rows), pf, pf_n, *strides,
+                      _triton.zeroed_counters(device, 4 * rows), *strides,
                       hkv, t, t_stride, bits, budget.sink, budget.window, plan.k, chunks, chunk_blocks)
         fused_meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed,
                           ASM_STORE=gpu and asm_store)
@@ -782,7 +755,7 @@ def _score_select_triton(
             return out
     counters = _triton.zeroed_counters(device, rows)  # passes 1 and 2 each leave them at zero
     _score_kernel[grid](
-        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters, pf, pf_n,
+        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
         *strides, hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks, **score_meta,
     )
     if fusing:  # "tail", or "all" where the whole kernel did not fit
