@@ -32,23 +32,14 @@ from spotlight_attn.kernels.score_select import _score_select_triton, plan_from_
 from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton
 
 T = 524288
-SELECT_VARIANTS = [  # keyword arguments of _score_select_triton
+SELECT_VARIANTS = [  # keyword arguments of _score_select_triton (earlier variants: the gen23 and gen28 logs)
     dict(),  # fuse="all": one launch
-    dict(fuse="none", emit_tokens=4096),  # three launches, the default before
-    dict(fuse="none"),
-    dict(fuse="none", emit_tokens=2048),
-    dict(fuse="tail"),
-    dict(fuse="tail", emit_warps=4),
-    dict(fuse="tail", emit_tokens=2048, emit_warps=4),
+    dict(fuse="none"),  # three launches: each pass's own time
+    dict(nibbles=False),  # packed counts in 8-bit fields only
+    dict(packed_coarse=False, asm_store=False, nibbles=False),  # pass 1 through tl.histogram, pass 3 through tl.store (as before gen28)
     dict(emit_tokens=2048),
-    dict(refine_tokens=1024),
-    dict(score_warps=8),
-    dict(coarse_bins=32),
-    dict(packed_coarse=False),  # pass 1 counts with tl.histogram (the default before)
-    dict(asm_store=False),  # pass 3 stores its picks with tl.store (the default before)
-    dict(packed_coarse=False, asm_store=False),  # the kernel as before both
     dict(block_tokens=512),
-    dict(block_tokens=512, programs_per_sm=8),
+    dict(score_warps=8),
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),

@@ -147,16 +147,39 @@ def test_score_select_ties_across_chunks(patterns, budget, packed_coarse):
 @pytest.mark.parametrize("shape", [(2, 2, 4, 128, 3001, "left"), (1, 3, 3, 100, 2500, "none"), (2, 1, 1, 64, 4097, "right"),
                                    (1, 2, 2, 32, 1500, "left")], ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("budget", [Budget(0.02, 20, 4, 16), Budget(0.1, 3, 1, 2), Budget(0.0, 0, 2, 3)], ids=str)
-def test_score_select_packed_coarse_counts_equal_histogram(shape, budget):
-    """Pass 1 counts its interior blocks in packed 8-bit fields (20 bins at most) instead of
-    tl.histogram: the same picks as the reference either way, over chunks of many interior blocks."""
-    for packed in (True, False):
-        check_select(*shape, budget, seed=len(shape[5]) + shape[3], block_tokens=64, max_chunks=3, packed_coarse=packed)
+@pytest.mark.parametrize("block_tokens", [64, 256])  # chunks of 16-65 blocks (8-bit fields) and 6-17 (4-bit)
+def test_score_select_packed_counts_equal_histogram(shape, budget, block_tokens):
+    """Passes 1 and 2 count in packed fields (4-bit in int64 where a chunk has at most 15 blocks, else
+    8-bit in int32) instead of tl.histogram: the same picks as the reference either way."""
+    for packed, nibbles in ((True, True), (True, False), (False, False)):
+        check_select(*shape, budget, seed=len(shape[5]) + shape[3], block_tokens=block_tokens, max_chunks=3,
+                     packed_coarse=packed, nibbles=nibbles)
 
 
 def test_score_select_single_chunk_and_many_chunks_agree():
     for chunks in (1, 3, 64):
         check_select(2, 2, 3, 96, 2000, "left", Budget(0.05, 4, 2, 8), seed=7, block_tokens=128, max_chunks=chunks)
+
+
+@pytest.mark.parametrize("group, bits", [(4, 128), (2, 64), (1, 100), (3, 96)])
+@pytest.mark.parametrize("block_tokens", [64, 256])
+def test_score_select_counts_the_top_buckets(group, bits, block_tokens):
+    """Keys that agree with the query in all but 0-40 bits (some exactly): scores fill the top
+    buckets, up to the highest possible one, which random codes never reach; every packed
+    counter's last fields must count."""
+    g = torch.Generator().manual_seed(group * bits + block_tokens)
+    b, hkv, t = 2, 2, 2500
+    signs = torch.rand(b, hkv, 1, 1, bits, generator=g) - 0.5
+    q = pack_signs_reference(signs.expand(b, hkv, group, 1, bits).reshape(b, hkv * group, 1, bits))
+    flips = torch.rand(b, hkv, t, bits, generator=g) < torch.randint(0, 41, (b, hkv, t, 1), generator=g) / bits
+    k = pack_signs_reference(torch.where(flips, -signs.squeeze(2), signs.squeeze(2)).expand(b, hkv, t, bits))
+    valid = key_valid_for(b, t, "left")
+    for budget in (Budget(0.02, 20, 4, 16), Budget(0.3, 0, 0, 0), Budget(0.001, 0, 0, 0)):
+        expected = score_select_reference(q, k, valid, budget, bits)
+        for packed, nibbles in ((True, True), (True, False), (False, False)):
+            got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan_select(valid.to(DEVICE), budget), bits,
+                                       block_tokens=block_tokens, packed_coarse=packed, nibbles=nibbles).cpu()
+            assert torch.equal(got, expected), (str(budget), packed, nibbles)
 
 
 @pytest.mark.parametrize("b, hkv, group", [(1, 2, 1), (3, 2, 4), (2, 1, 3)])
@@ -183,7 +206,8 @@ def test_score_select_reads_grouped_query_codes_in_place(b, hkv, group):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the fused passes run on a GPU only (programs wait for each other)")
 @pytest.mark.parametrize("launch", [dict(), dict(block_tokens=128, max_chunks=64), dict(emit_tokens=4096, emit_warps=4),
-                                    dict(packed_coarse=False, asm_store=False), dict(block_tokens=512)])
+                                    dict(packed_coarse=False, asm_store=False), dict(nibbles=False),
+                                    dict(block_tokens=512)])
 def test_score_select_fused_passes_equal_separate_passes(launch, monkeypatch):
     from spotlight_attn.kernels import score_select as select_module
 
