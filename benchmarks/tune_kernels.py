@@ -35,7 +35,7 @@ T = 524288
 SELECT_VARIANTS = [  # keyword arguments of _score_select_triton (earlier variants: the gen23 and gen28 logs)
     dict(),  # fuse="all": one launch
     dict(fuse="none"),  # three launches: each pass's own time
-    dict(nibbles=False),  # packed counts in 8-bit fields only
+    dict(nibbles=False),  # pass 2 counts in 8-bit fields, not 4-bit ones
     dict(packed_coarse=False, asm_store=False, nibbles=False),  # pass 1 through tl.histogram, pass 3 through tl.store (as before gen28)
     dict(emit_tokens=2048),
     dict(block_tokens=512),

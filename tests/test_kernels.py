@@ -149,8 +149,8 @@ def test_score_select_ties_across_chunks(patterns, budget, packed_coarse):
 @pytest.mark.parametrize("budget", [Budget(0.02, 20, 4, 16), Budget(0.1, 3, 1, 2), Budget(0.0, 0, 2, 3)], ids=str)
 @pytest.mark.parametrize("block_tokens", [64, 256])  # chunks of 16-65 blocks (8-bit fields) and 6-17 (4-bit)
 def test_score_select_packed_counts_equal_histogram(shape, budget, block_tokens):
-    """Passes 1 and 2 count in packed fields (4-bit in int64 where a chunk has at most 15 blocks, else
-    8-bit in int32) instead of tl.histogram: the same picks as the reference either way."""
+    """Pass 1 counts in packed 8-bit fields instead of tl.histogram, pass 2 in 4-bit fields of an int64
+    where a chunk has at most 15 blocks, else 8-bit: the same picks as the reference either way."""
     for packed, nibbles in ((True, True), (True, False), (False, False)):
         check_select(*shape, budget, seed=len(shape[5]) + shape[3], block_tokens=block_tokens, max_chunks=3,
                      packed_coarse=packed, nibbles=nibbles)

@@ -8,12 +8,12 @@ The Triton path selects by counting, not sorting (three launches over row chunks
 1. `_score_kernel` scores every key once, writes a 16-bit score per key (1/8 of the code bytes at 128
    bits, re-read by the next two passes) and a histogram of buckets per chunk; the last chunk of a row
    to finish finds the bucket holding the row's k-th best score. The chunk's interior blocks (no
-   sink, window or padding key: loaded without masks) count into packed fields (at most 32 buckets
-   in 4-bit fields of int64 counters, `_nibble_add`, where a chunk has at most 15 blocks; else 20 in
-   8-bit fields, `_packed_add`), a few integer instructions a key, where tl.histogram (Triton 3.6)
-   spends ballots per bit of the bucket index: 39 instructions a key in SASS, half of the pass's
-   loop. Elsewhere 64 buckets through tl.histogram.
-2. `_refine_kernel` counts the scores inside that bucket exactly (packed fields again); the last chunk finds the exact
+   sink, window or padding key) count into packed 8-bit fields (at most 20 buckets, `_packed_add`),
+   a few integer instructions a key, where tl.histogram (Triton 3.6) spends ballots per bit of the
+   bucket index: 39 instructions a key in SASS, half of the pass's loop. Elsewhere 64 buckets
+   through tl.histogram.
+2. `_refine_kernel` counts the scores inside that bucket exactly (in 4-bit packed fields where a
+   chunk has at most 15 blocks, `_nibble_add`, else 8-bit ones); the last chunk finds the exact
    threshold score, how many of the tied keys at the threshold to take (the most recent ones), and
    where each chunk's picks start in the output row.
 3. `_emit_kernel` writes each chunk's picks in position order, so rows come out sorted, then -1s
@@ -191,16 +191,6 @@ def _load_codes(row_ptr, t, lo, hi, word, W: tl.constexpr, W_PAD: tl.constexpr):
 
 
 @_triton.kernel
-def _load_interior(block_ptr, word, BT: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr):
-    """Codes [BT, W_PAD] of BT keys that all lie inside the scored run, from the block's first key's
-    codes at block_ptr: no per-key mask, one base address (16-byte loads at fixed offsets)."""
-    offs = tl.arange(0, BT)[:, None] * W + word[None, :]
-    if W == W_PAD:
-        return tl.load(block_ptr + offs, eviction_policy="evict_first")
-    return tl.load(block_ptr + offs, mask=word[None, :] < W, other=0, eviction_policy="evict_first")
-
-
-@_triton.kernel
 def _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP: tl.constexpr, HW_POPC: tl.constexpr):
     """Codes [BT, W_PAD] -> shifted scores x [BT] (module docstring)."""
     agree = ~(codes ^ majority[None, :])  # [BT, W_PAD]
@@ -255,28 +245,19 @@ def _packed_hist(acc0, acc1, acc2, acc3, acc4, NB: tl.constexpr, N: tl.constexpr
 
 
 @_triton.kernel
-def _nibble_add(acc0, acc1, f, counted, N: tl.constexpr):
-    """_packed_add with 4-bit fields in int64 counters: bin f (0 <= f < 16 N, N <= 2) is field f % 16
-    of counter f // 16, so a key slot may count 15 keys at most. Fewer instructions a key than
-    _packed_add's 8-bit fields: one 64-bit shift and add per key, a select per extra counter."""
-    one = tl.where(counted, tl.full(f.shape, 1, tl.int64) << ((f & 15) * 4).to(tl.int64), 0)
-    if N > 1:
-        acc0 += tl.where(f < 16, one, 0)
-        acc1 += tl.where(f >= 16, one, 0)
-    else:
-        acc0 += one
-    return acc0, acc1
+def _nibble_add(acc, f, counted):
+    """_packed_add with 4-bit fields in one int64 counter [BT]: bin f (0 <= f < 16) is field f, so a
+    key slot may count 15 keys at most; one 64-bit shift and add a key."""
+    return acc + tl.where(counted, tl.full(f.shape, 1, tl.int64) << ((f & 15) * 4).to(tl.int64), 0)
 
 
 @_triton.kernel
-def _nibble_hist(acc0, acc1, NB: tl.constexpr, N: tl.constexpr):
-    """The N counters of _nibble_add -> their histogram [NB] int32 (NB >= 16 N, or the bins used)."""
+def _nibble_hist(acc, NB: tl.constexpr):
+    """The counter of _nibble_add -> its histogram [NB] int32 (NB <= 16)."""
     bins = tl.arange(0, NB)
     hist = tl.full([NB], 0, tl.int32)
     for field in tl.static_range(16):
-        hist += tl.where(bins == field, _sum(((acc0 >> (4 * field)) & 15).to(tl.int32), axis=0), 0)
-        if N > 1:
-            hist += tl.where(bins == 16 + field, _sum(((acc1 >> (4 * field)) & 15).to(tl.int32), axis=0), 0)
+        hist += tl.where(bins == field, _sum(((acc >> (4 * field)) & 15).to(tl.int32), axis=0), 0)
     return hist
 
 
@@ -305,7 +286,7 @@ def _score_chunk(
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
-    CP: tl.constexpr, CF: tl.constexpr,
+    CP: tl.constexpr,
 ):
     """Pass 1's scoring of one chunk of row = b * Hkv + h: writes score[row, t] int16 (x, FORCED, or -1
     for padding), hist[row, chunk, NBC] and forced[row, chunk]; returns the row's k_row."""
@@ -354,32 +335,23 @@ def _score_chunk(
                 W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED)
         t_next = t0 + first * BT + tl.arange(0, BT)
         codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
-        c0 = tl.full([BT], 0, tl.int32)  # CP > 0: CP counters of the interior blocks, CF-bit fields
+        c0 = tl.full([BT], 0, tl.int32)  # CP > 0: _packed_add's counters of the interior blocks
         c1 = c0
         c2 = c0
         c3 = c0
         c4 = c0
-        n0 = tl.full([BT], 0, tl.int64)
-        n1 = n0
         for blk in range(first, last):
             t = t_next
             codes = codes_next
             t_next = t + BT
-            # The next interior block in flight (the last iteration reloads its own block, from L2):
-            # its keys need no mask.
-            nxt = tl.minimum(blk + 1, last - 1)
-            codes_next = _load_interior(k_ptr + row_off + (t0 + nxt * BT) * W, word, BT, W, W_PAD)
+            codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)  # next block in flight
             x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
             tl.store(score_row + t, x.to(tl.int16))
-            if CP > 0 and CF == 4:
-                n0, n1 = _nibble_add(n0, n1, x >> SHIFT, True, CP)
-            elif CP > 0:
+            if CP > 0:
                 c0, c1, c2, c3, c4 = _packed_add(c0, c1, c2, c3, c4, x >> SHIFT, True, CP)
             else:
                 hist += tl.histogram(x >> SHIFT, NBC)
-        if CP > 0 and CF == 4:
-            hist += _nibble_hist(n0, n1, NBC, CP)
-        elif CP > 0:
+        if CP > 0:
             hist += _packed_hist(c0, c1, c2, c3, c4, NBC, CP)
         for blk in range(last, chunk_blocks):
             hist, n_forced = _score_block_masked(
@@ -446,7 +418,7 @@ def _score_kernel(
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
-    CP: tl.constexpr, CF: tl.constexpr,
+    CP: tl.constexpr,
 ):
     """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h (_score_chunk); the row's last
     chunk to finish reduces every chunk's counts (_score_reduce; release/acquire through the counter)."""
@@ -456,7 +428,7 @@ def _score_kernel(
         q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
         stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
         num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
-        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP, CF,
+        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
     )
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
@@ -491,13 +463,13 @@ def _refine_counts(
         inside = (s >= lo) & (s < hi)
         f = s - lo
         if PACKED == 4:
-            nib, _ = _nibble_add(nib, nib, f, inside, 1)
+            nib = _nibble_add(nib, f, inside)
         elif PACKED == 8:
             acc0, acc1, acc2, acc3, _ = _packed_add(acc0, acc1, acc2, acc3, acc0, f, inside, (FB + 3) // 4)
         else:
             fine += tl.histogram(f, FB, mask=inside)
     if PACKED == 4:
-        fine = _nibble_hist(nib, nib, FB, 1)
+        fine = _nibble_hist(nib, FB)
     elif PACKED == 8:
         fine = _packed_hist(acc0, acc1, acc2, acc3, acc0, FB, (FB + 3) // 4)
     return fine
@@ -626,7 +598,7 @@ def _select_kernel(
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
-    CP: tl.constexpr, CF: tl.constexpr,
+    CP: tl.constexpr,
     FB: tl.constexpr, BT_REFINE: tl.constexpr, BT_EMIT: tl.constexpr, PACKED: tl.constexpr, SCORE: tl.constexpr,
     ASM_STORE: tl.constexpr,
 ):
@@ -648,7 +620,7 @@ def _select_kernel(
             q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
             stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
             num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
-            G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP, CF,
+            G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
         )
         tl.debug_barrier()
         if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
@@ -766,14 +738,10 @@ def _score_select_triton(
     maxc = next_pow2(chunks)
     # Pass 1 counts its interior blocks in packed 8-bit fields (_packed_add) where a key slot sees at
     # most 255 of them and pass 2's bucket stays within its own packed counters (16 scores).
-    coarse_packed, coarse_field = 0, 8
+    coarse_packed = 0
     if packed_coarse and chunk_blocks <= 255 and (1 << packed_shift) <= 16:
-        n_bins = (x_max >> packed_shift) + 1
-        if nibbles and chunk_blocks <= 15:  # 4-bit fields in int64: at most 15 blocks a chunk, 32 bins
-            coarse_packed, coarse_field = cdiv(n_bins, 16), 4
-        else:
-            coarse_packed = cdiv(n_bins, 4)
-        shift, coarse_bins = packed_shift, next_pow2(max(n_bins, 4))
+        coarse_packed = cdiv((x_max >> packed_shift) + 1, 4)
+        shift, coarse_bins = packed_shift, next_pow2(4 * coarse_packed)
         fine_bins = max(1 << shift, 2)
 
     i32 = dict(dtype=torch.int32, device=device)
@@ -792,7 +760,7 @@ def _score_select_triton(
     score_meta = dict(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
-        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed, CF=coarse_field,
+        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
     strides = (query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1))
