@@ -21,6 +21,8 @@
 #   gemm      the step's GEMMs alone against their weights' floor, cuBLAS and cuBLASLt (benchmarks/gemm_probe.py;
 #             GEMM_AUTOTUNE=1 adds inductor's max-autotune templates, minutes of tuning)
 #   hash      the fused hash kernel's tests compiled on CUDA
+#   check     score_select against the reference at the step's sizes (benchmarks/select_check.py; seconds, where the
+#             tests phase compiles for minutes: 8 of them for test_kernels.py's score_select tests alone)
 #   train     the streaming hash trainer's throughput at the Llama-3-8B shape, 8K chunks (benchmarks/train_throughput.py),
 #             and its GPU test
 # SPOTLIGHT_FUSED_HASH=0 in the environment turns the fused hash kernel off for every phase.
@@ -85,6 +87,7 @@ for phase in "$@"; do
         --json "$OUT/retrieval.json" 2>&1 | grep -v "Warning\|warn" | tee "$log" ;;
   gemm) python3 benchmarks/gemm_probe.py ${GEMM_AUTOTUNE:+--autotune} --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tee "$log" ;;
   hash) python3 -m pytest -q -p no:cacheprovider tests/test_hash_kernel.py 2>&1 | tail -n 3 | tee "$log" ;;
+  check) python3 benchmarks/select_check.py 2>&1 | tail -n 1 | tee "$log" ;;
   train)
     { python3 benchmarks/train_throughput.py --out "$OUT" 2>&1 | grep -v "Warning\|warn"
       python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py 2>&1 | tail -n 3

@@ -447,8 +447,9 @@ def _refine_counts(
     fine = tl.full([FB], 0, tl.int32)
     lo = bucket << SHIFT  # the bucket's scores are [lo, hi); padding (-1) and FORCED fall outside
     hi = tl.minimum((bucket + 1) << SHIFT, FORCED)
-    # PACKED (FB <= 16): _packed_add's counters, kept per key slot across the loop (a slot sees at
-    # most 255 blocks, see the launcher) and reduced once at the end.
+    # PACKED (FB <= 16): counters kept per key slot across the loop and reduced once at the end,
+    # _nibble_add's (PACKED 4: a slot sees at most 15 blocks, see the launcher) or _packed_add's
+    # (PACKED 8: at most 255).
     acc0 = tl.full([BT], 0, tl.int32)
     acc1 = acc0
     acc2 = acc0
