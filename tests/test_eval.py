@@ -228,6 +228,18 @@ def test_eval_of_your_own_single_file_reads_all_of_it(tmp_path, tiny_dir, capsys
         assert "--split all" in capsys.readouterr().err
 
 
+def test_eval_says_when_the_corpus_holds_fewer_chunks_than_asked(tmp_path, tiny_dir, capsys):
+    book = tmp_path / "short.txt"
+    book.write_text(" ".join(["the cat sat on a mat and the dog ran to the red blue house ."] * 40))
+    out = tmp_path / "ppl.json"
+    args = ["eval", "ppl", "--model", str(tiny_dir), "--device", "cpu", "--data", str(book), "--methods", "dense",
+            "--length", "96", "--prefix", "32", "--chunks", "500", "--out", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "holds" in err and "fewer than the 500 chunks asked for" in err, err
+    assert json.loads(out.read_text())["kind"] == "ppl"
+
+
 def test_builtin_corpora_stay_held_out_by_default():
     from spotlight_attn.data import BUILTIN, default_split
 

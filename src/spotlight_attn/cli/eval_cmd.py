@@ -118,6 +118,19 @@ def _limit(n: int, args) -> int:
     return n if args.limit is None else max(1, min(n, args.limit))
 
 
+def _chunks(args, tokenizer, length: int, wanted: int, split, what: str) -> list:
+    """load_chunks, saying on stderr when the corpus holds fewer chunks of `length` tokens than asked for."""
+    import sys
+
+    from spotlight_attn.data import load_chunks
+
+    chunks = load_chunks(args.data, tokenizer, length, wanted, split=split, seed=args.seed)
+    if len(chunks) < wanted:
+        print(f"spotlight: {args.data} ({split or 'all'} split) holds {len(chunks)} chunks of {length} tokens, fewer "
+              f"than the {wanted} {what} asked for: running {len(chunks)}", file=sys.stderr)
+    return chunks
+
+
 def run_eval(args) -> int:
     import torch
 
@@ -152,19 +165,17 @@ def run_eval(args) -> int:
 
         split = default_split(args.data) if args.split == "auto" else args.split
     if args.kind == "retrieval":
-        from spotlight_attn.data import load_chunks
         from spotlight_attn.eval.retrieval import evaluate_retrieval
 
         contexts = _ints(args.contexts)
-        chunks = {c: load_chunks(args.data, tokenizer, fits(c + args.steps, "context + steps"), _limit(args.chunks, args), split=split, seed=args.seed)
+        chunks = {c: _chunks(args, tokenizer, fits(c + args.steps, "context + steps"), _limit(args.chunks, args), split, "chunks")
                   for c in contexts}
         results = evaluate_retrieval(model, methods, specs, budgets, chunks, args.steps, data=args.data, seed=args.seed)
     elif args.kind == "ppl":
-        from spotlight_attn.data import load_chunks
         from spotlight_attn.eval.ppl import evaluate_ppl
 
         length = fits(_ints(args.length)[0], "--length")
-        chunks = load_chunks(args.data, tokenizer, length, _limit(args.chunks, args), split=split, seed=args.seed)
+        chunks = _chunks(args, tokenizer, length, _limit(args.chunks, args), split, "chunks")
         results = evaluate_ppl(model, methods, specs, budgets, chunks, args.prefix, args.mode, data=args.data, seed=args.seed)
     elif args.kind == "needle":
         from spotlight_attn.eval.needle import evaluate_needle
@@ -177,11 +188,10 @@ def run_eval(args) -> int:
             depths, seeds = depths[: max(1, args.limit)], seeds[:1]
         results = evaluate_needle(model, tokenizer, methods, specs, budgets, kinds, lengths, depths, seeds, args.max_new_tokens)
     else:
-        from spotlight_attn.data import load_chunks
         from spotlight_attn.eval.fidelity import evaluate_fidelity
 
         length = fits(_ints(args.length)[0], "--length")
-        chunks = load_chunks(args.data, tokenizer, length, _limit(args.prompts, args), split=split, seed=args.seed)
+        chunks = _chunks(args, tokenizer, length, _limit(args.prompts, args), split, "prompts")
         passages = [tokenizer.decode(chunk, skip_special_tokens=True) for chunk in chunks]
         results = evaluate_fidelity(model, tokenizer, methods, specs, budgets, passages, args.max_new_tokens, data=args.data, seed=args.seed)
         results["meta"]["settings"]["passage_tokens"] = length
