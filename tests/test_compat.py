@@ -45,7 +45,7 @@ def test_pyproject_states_the_range_compat_checks():
     assert len(stated) == 1 and stated[0].specifier == SpecifierSet(compat.SUPPORTED_TRANSFORMERS)
 
 
-@pytest.mark.parametrize("version", ["5.25.0", "5.25.0.dev0", "6.0.0", "5.16.1", "4.57.6"])
+@pytest.mark.parametrize("version", ["5.26.0", "5.26.0.dev0", "6.0.0", "5.16.1", "4.57.6"])
 def test_enable_refuses_a_transformers_outside_the_range_by_name(monkeypatch, version):
     monkeypatch.setattr(compat, "transformers_version", lambda: version)
     monkeypatch.delenv(compat.ALLOW_UNTESTED_ENV, raising=False)
@@ -58,7 +58,7 @@ def test_enable_refuses_a_transformers_outside_the_range_by_name(monkeypatch, ve
     sa.disable(model)
 
 
-@pytest.mark.parametrize("version", [compat.MIN_TRANSFORMERS, "5.20.1", "5.24.0", "5.24.3"])
+@pytest.mark.parametrize("version", [compat.MIN_TRANSFORMERS, "5.20.1", "5.24.0", "5.25.0", "5.25.3"])
 def test_versions_inside_the_range_pass(version):
     compat.check_transformers(version)
 

@@ -14,8 +14,8 @@ What differs across the supported releases, and how the library reads it:
   negative n (remove that many) means the same everywhere. SpotlightLayer.crop defers to the
   installed DynamicLayer, so it follows the installed contract.
 - generate() reads its stop flag from the device after every step, so the device idles while the host
-  prepares the next one (about 1.9 ms a step on the H200, docs/BENCHMARKS.md). 5.17 and 5.24 (the
-  releases CI runs) ship `DeferredStopCheck`, which reads the flag one step late and undoes the one
+  prepares the next one (about 1.9 ms a step on the H200, docs/BENCHMARKS.md). 5.17, 5.24 and 5.25
+  (the releases the suite has passed on) ship `DeferredStopCheck`, which reads the flag one step late and undoes the one
   extra step it costs, but turns it on only for `mps`. `defer_stop_checks` lets it serve generate() over our static
   cache on CUDA too (`SpotlightConfig.defer_stop`); any other cache keeps the installed rule.
 """
@@ -29,7 +29,7 @@ import os
 from spotlight_attn.errors import UnsupportedModelError, UnsupportedVersionError
 
 MIN_TRANSFORMERS = "5.17.0"  # the oldest release CI tests (the compatibility subset)
-BELOW_TRANSFORMERS = "5.25"  # the first release not yet tested
+BELOW_TRANSFORMERS = "5.26"  # the first release not yet tested
 SUPPORTED_TRANSFORMERS = f">={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}"
 ALLOW_UNTESTED_ENV = "SPOTLIGHT_ALLOW_UNTESTED_TRANSFORMERS"
 CACHE_NAMES = ("cache", "past_key_values")  # the forward's cache argument: the newest name first
@@ -51,7 +51,7 @@ def check_transformers(version: str | None = None) -> None:
 
     version = version or transformers_version()
     parsed = Version(version)
-    # A pre-release of the next minor (5.25.0.dev0) is outside the range, as is any 5.25 release.
+    # A pre-release of the next minor (5.26.0.dev0) is outside the range, as is any 5.26 release.
     inside = Version(MIN_TRANSFORMERS) <= parsed and parsed.release < Version(BELOW_TRANSFORMERS).release
     if inside or os.environ.get(ALLOW_UNTESTED_ENV, "") not in ("", "0"):
         return
