@@ -10,7 +10,8 @@ block), with the argument alignments Triton's launcher specialises on. Each loop
 branch) is printed with its instruction count, per key and per source line; the three big loops
 are pass 1's interior blocks, pass 2's counting and pass 3's emitting. `--before` compiles the
 settings of before commit 137e5ca: tl.histogram in pass 1 (64 buckets of 8 scores), 8-bit fields
-in pass 2, tl.store of the picks. Same registers as the GPU reports (127 before, 125 now).
+in pass 2, tl.store of the picks. Registers: 127 before, as Nsight Compute reported on the H200
+(h200_gen25_ncu.txt); 125 now.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ NOW = dict(G=4, W=4, W_PAD=4, G_PAD=4, PAR=1, NP=2, SHIFT=4, NBC=32, MAXC=16, BT
 BEFORE = dict(NOW, SHIFT=3, NBC=64, CP=0, FB=8, PACKED=8, ASM_STORE=False)
 
 
-def compile_sass(const: dict, num_warps: int = 4) -> str:
+def compile_sass(const: dict, num_warps: int = 4) -> tuple[str, int]:
+    """The kernel's SASS for these constexprs, and its registers a thread (-1 if cuobjdump does not say)."""
     _triton.bind(vars(select))
     fn = select._select_kernel
     names = list(inspect.signature(fn.fn).parameters)

@@ -6,8 +6,10 @@ tests/test_kernels.py covers the awkward shapes and every launch variant but com
 kernels (8 minutes on the H200); this compiles the default launch only, at 128K x 6 and 70K x 1
 (Llama-3-8B: 8 KV heads of 4 query heads, 128 bits) and a SmolLM2-like 3-head group of 100 bits,
 with one left-padded row, at 2% and 30%. Prints one line: whether every selection equals the
-reference exactly.
+reference exactly; exits 1 if not.
 """
+
+import sys
 
 import torch
 
@@ -27,3 +29,4 @@ for b, hkv, group, bits, t in [(6, 8, 4, 128, 131136), (1, 8, 4, 128, 70001), (2
         got = _score_select_triton(q.cuda(), k.cuda(), plan_select(valid.cuda(), budget), bits).cpu()
         ok &= torch.equal(got, expected)
 print("GPU score_select equals the reference:", ok)
+sys.exit(0 if ok else 1)

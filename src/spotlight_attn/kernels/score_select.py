@@ -713,13 +713,8 @@ def _score_select_triton(
 
     par = 1 if group % 2 == 0 else 0
     x_max = bits * (group >> par)
-    shift = 0
-    while (x_max >> shift) >= coarse_bins:
-        shift += 1
-    fine_bins = max(1 << shift, 2)
-    packed_shift = 0  # packed coarse counts: at most 20 bins (5 counters of four 8-bit fields)
-    while (x_max >> packed_shift) >= 20:
-        packed_shift += 1
+    shift = _shift_below(x_max, coarse_bins)
+    packed_shift = _shift_below(x_max, 20)  # packed coarse counts: at most 20 bins (5 counters of four 8-bit fields)
     rows = b * hkv
     bt = block_tokens or (256 if device.type != "cuda" else 1024)
     blocks = cdiv(t, bt)
@@ -738,12 +733,13 @@ def _score_select_triton(
     bt_emit = max(min(bt_emit, emit_tokens), min(bt, emit_tokens))
     maxc = next_pow2(chunks)
     # Pass 1 counts its interior blocks in packed 8-bit fields (_packed_add) where a key slot sees at
-    # most 255 of them and pass 2's bucket stays within its own packed counters (16 scores).
+    # most 255 of them and pass 2's bucket stays within its own packed counters (16 scores); then
+    # its buckets are packed_shift's, and coarse_bins (tl.histogram's bins) does not apply.
     coarse_packed = 0
     if packed_coarse and chunk_blocks <= 255 and (1 << packed_shift) <= 16:
         coarse_packed = cdiv((x_max >> packed_shift) + 1, 4)
         shift, coarse_bins = packed_shift, next_pow2(4 * coarse_packed)
-        fine_bins = max(1 << shift, 2)
+    fine_bins = max(1 << shift, 2)  # the scores of one bucket
 
     i32 = dict(dtype=torch.int32, device=device)
     # Rows of the int16 score buffer start on 128-byte boundaries whatever T is: with an odd T the
@@ -802,6 +798,14 @@ def _score_select_triton(
         BT=bt_emit, FORCED=FORCED, HW=gpu and asm_store, num_warps=emit_warps,
     )
     return out
+
+
+def _shift_below(x_max: int, bins: int) -> int:
+    """The fewest right shifts that take every score in [0, x_max] below `bins` buckets."""
+    shift = 0
+    while (x_max >> shift) >= bins:
+        shift += 1
+    return shift
 
 
 def kernel_serves(group: int, bits: int) -> bool:
