@@ -33,7 +33,7 @@ from spotlight_attn.kernels import _triton
 from spotlight_attn.kernels import score_select as select
 
 T = 131136  # 128K + 64 steps of room, as the static cache holds
-RUNTIME = dict(stride_qb=128, stride_qk=16, stride_qg=4, stride_kb=8 * T * 4, stride_kh=T * 4, num_kv_heads=8, T=T,
+RUNTIME = dict(stride_qb=128, stride_qk=16, stride_qg=4, stride_kb=8 * T * 4, stride_kh=T * 4, stride_bb=3, stride_bh=0, num_kv_heads=8, T=T,
                score_stride=T, bits=128, sink=4, window=16, k=2624, n_chunks=11, chunk_blocks=12)
 POINTERS = dict(q_ptr="*i32", k_ptr="*i32", bounds_ptr="*i32", score_ptr="*i16", hist_ptr="*i32", forced_ptr="*i32",
                 base_ptr="*i32", state_ptr="*i32", fine_ptr="*i32", emit_ptr="*i32", out_ptr="*i64", counter_ptr="*i32")

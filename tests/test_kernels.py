@@ -120,7 +120,7 @@ def check_select(b, hkv, group, bits, t, padding, budget, seed, patterns=None, *
     poison_allocator()
     q, k, valid = q.to(DEVICE), k.to(DEVICE), valid.to(DEVICE)
     if launch:
-        got = _score_select_triton(q, k, plan_select(valid, budget), bits, **launch).cpu()
+        got = _score_select_triton(q, k, plan_select(valid, budget, hkv), bits, **launch).cpu()
     else:
         got = score_select(q, k, valid, budget, bits, use_kernel=True).cpu()
     assert got.shape == expected.shape and got.dtype == torch.int64
@@ -131,6 +131,18 @@ def check_select(b, hkv, group, bits, t, padding, budget, seed, patterns=None, *
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
 def test_score_select_matches_reference(shape, budget):
     check_select(*shape, budget, seed=hash((shape, str(budget))) % 10_000)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4, 128, 97, "right"), (4, 2, 4, 128, 1025, "left"), (1, 3, 3, 100, 1025, "none"),
+                                   (2, 2, 1, 64, 33, "left"), (1, 1, 8, 128, 200, "none")], ids=lambda s: "-".join(map(str, s)))
+def test_score_select_per_head_budgets(shape):
+    """Head budgets (budgets.py): every (row, KV head) reads its own count from per-head bounds [B, Hkv, 3]."""
+    hkv = shape[1]
+    spread = tuple(float(f) for f in torch.linspace(0.0, 0.5, hkv).tolist())
+    for n, budget in enumerate([Budget(0.1, 2, 1, 2, heads=spread), Budget(0.3, 0, 0, 0, heads=spread[::-1]),
+                                Budget(0.02, 20, 4, 16, heads=(1.0,) * hkv)]):
+        check_select(*shape, budget, seed=n + shape[4])
+        check_select(*shape, budget, seed=n + shape[4], block_tokens=128, max_chunks=8)
 
 
 @pytest.mark.parametrize("packed_coarse", [True, False])

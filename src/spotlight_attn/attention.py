@@ -36,8 +36,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from spotlight_attn import compat, fused_projections
+from spotlight_attn.budgets import load_profile
 from spotlight_attn.cache import SpotlightCache
-from spotlight_attn.config import Method, SpotlightConfig
+from spotlight_attn.config import Budget, Method, SpotlightConfig
 from spotlight_attn.errors import HasherMismatchError, SpotlightError
 from spotlight_attn.hashing.checkpoint import check_geometry
 from spotlight_attn.hashing.hasher import LinearHasher, MLPHasher
@@ -77,6 +78,13 @@ class Installed:
     previous_cache_implementation: str | None = None  # generation_config's before enable() set "static"
     set_static: bool = False  # enable() set generation_config.cache_implementation; disable() restores it
     fused: list | None = None  # the groups fused_projections.install fused (SpotlightConfig.fuse_projections)
+    budgets: dict | None = None  # {layer: Budget with per-KV-head fractions}, from config.head_budgets (budgets.py)
+
+    def budget_for(self, layer_idx: int) -> Budget:
+        """The budget of layer `layer_idx`: its share of a head budget profile, else the config's."""
+        if self.budgets is not None and layer_idx in self.budgets:
+            return self.budgets[layer_idx]
+        return self.config.budget_spec
 
     def new_cache(self) -> SpotlightCache:
         specs = [
@@ -97,7 +105,8 @@ class Installed:
             (None, 0) if i in self.config.dense_layers or hasher is None else (self.selector.key_index(i)[0], hasher.words)
             for i in range(self.geometry.num_layers)
         ]
-        self.static_cache = SpotlightStaticCache(specs, max_tokens, self.config.budget_spec, owner=self)
+        budgets = [self.budget_for(i) for i in range(self.geometry.num_layers)]
+        self.static_cache = SpotlightStaticCache(specs, max_tokens, budgets, owner=self)
         self.static_cache.counters_to(device)
         return self.static_cache
 
@@ -142,7 +151,7 @@ def spotlight_attention(
         return _dense_attention(query, key, value, valid, scaling), None
 
     layer = cache.layers[layer_idx]
-    indices = installed.selector.select(query, layer, installed.config.budget_spec, scaling)  # [B, Hkv, k]
+    indices = installed.selector.select(query, layer, installed.budget_for(layer_idx), scaling)  # [B, Hkv, k]
     out = sparse_decode(query, key, value, indices, scaling, force_reference=installed.config.force_reference)  # [B, Hq, 1, D]
     cache.read = cache.read + (indices >= 0).sum()
     cache.cached = cache.cached + layer.key_valid.sum() * key.shape[1]
@@ -209,7 +218,7 @@ def _teacher_forced_attention(installed, cache, layer, query, key, value, scalin
     positions = torch.arange(t - s, t, device=query.device)
     key_pos = torch.arange(t, device=query.device)
     valid = layer.key_valid  # [B, T]
-    budget = installed.config.budget_spec
+    budget = installed.budget_for(layer.layer_idx)
     out = torch.empty_like(query)
     for lo in range(0, s, block):
         pos = positions[lo : lo + block]  # [s']
@@ -353,13 +362,21 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
     device = next(model.parameters()).device
     rank, world = tensor_parallel(model)
     local = geometry.shard(world)  # each rank hashes, stores codes for and selects over its own KV heads
+    budgets = None
+    if config.head_budgets is not None:
+        if config.method not in (Method.SPOTLIGHT, Method.LINEAR, Method.ORACLE):
+            raise SpotlightError(f"head_budgets serve the methods that rank keys (spotlight, linear, oracle), not {config.method.value!r}")
+        profile = load_profile(config.head_budgets)
+        profile.check(model, geometry, config, hasher, source=f"the head budget profile {config.head_budgets}")
+        share = local.num_kv_heads
+        budgets = profile.layer_budgets(config, geometry.num_layers, slice(rank * share, (rank + 1) * share))
     selector = make_selector(config, hasher, geometry, device, rank, world)
     geometry = local
     previous = model.config._attn_implementation
     decoder = _decoder(model)
     signature = inspect.signature(decoder.forward)
     installed = Installed(config, selector, geometry, previous, hook=None, cache_argument=compat.cache_argument(decoder),
-                          dtype=next(model.parameters()).dtype)
+                          dtype=next(model.parameters()).dtype, budgets=budgets)
     installed.hook = decoder.register_forward_pre_hook(
         lambda module, args, kwargs: _before_decoder_forward(installed, signature, module, args, kwargs),
         with_kwargs=True,
@@ -376,7 +393,8 @@ def enable(model, hasher=None, config: SpotlightConfig | None = None):
     if config.fuse_projections:
         installed.fused = fused_projections.install(decoder)
     model.spotlight = installed
-    logger.info("spotlight enabled: method=%s budget=%s dense_layers=%s", config.method.value, config.budget, config.dense_layers)
+    logger.info("spotlight enabled: method=%s budget=%s dense_layers=%s head_budgets=%s", config.method.value, config.budget,
+                config.dense_layers, config.head_budgets)
     return model
 
 

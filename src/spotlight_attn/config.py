@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -36,12 +37,16 @@ class Budget:
     token count when it is an int >= 0. The count is then raised to `min_tokens` and capped at the
     valid tokens. The first `sink` and last `window` valid tokens are always read and count INSIDE
     the budget; when they alone exceed it, the row reads them anyway (k grows to sink + window).
+
+    `heads`, if given, are per-KV-head fractions that replace `amount` head by head (one layer's
+    share of a calibrated allocation, budgets.py); `amount` then stays the layer's nominal fraction.
     """
 
     amount: float | int = 0.02
     min_tokens: int = 20
     sink: int = 4
     window: int = 16
+    heads: tuple[float, ...] | None = None
 
     def __post_init__(self):
         amount = self.amount
@@ -58,19 +63,43 @@ class Budget:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SpotlightError(f"{name} must be an int >= 0, got {value!r}")
+        if self.heads is not None:
+            if not self.is_fraction:
+                raise SpotlightError(f"per-head budgets need a fractional budget, not the token count {amount!r}")
+            heads = tuple(self.heads)
+            bad = [f for f in heads if isinstance(f, bool) or not isinstance(f, float) or not (0.0 <= f <= 1.0 and math.isfinite(f))]
+            if not heads or bad:
+                raise SpotlightError(f"per-head budgets must be fractions in [0, 1], one per KV head, got {self.heads!r}")
+            object.__setattr__(self, "heads", heads)
 
     @property
     def is_fraction(self) -> bool:
         return isinstance(self.amount, float)
 
-    def tokens_for(self, n_valid: int) -> int:
-        """Tokens read by a row holding `n_valid` valid tokens (forced sink/window included)."""
-        if self.is_fraction:
-            wanted = math.ceil(self.amount * n_valid - 1e-9)
-        else:
-            wanted = int(self.amount)
-        wanted = max(wanted, self.min_tokens, min(self.sink + self.window, n_valid))
-        return min(wanted, n_valid)
+    def tokens_for(self, n_valid: int, head: int | None = None) -> int:
+        """Tokens read by a row holding `n_valid` valid tokens (forced sink/window included); with
+        per-head budgets, by KV head `head`, or by the head that reads the most when it is None."""
+        if self.heads is not None:
+            amounts = self.heads if head is None else (self.heads[head],)
+            return max(_tokens(a, n_valid, self.min_tokens, self.sink + self.window) for a in amounts)
+        return _tokens(self.amount, n_valid, self.min_tokens, self.sink + self.window)
+
+    def head_tokens_for(self, n_valid: int, num_heads: int) -> list[int]:
+        """Tokens read by each of `num_heads` KV heads of a row holding `n_valid` valid tokens."""
+        if self.heads is not None and len(self.heads) != num_heads:
+            raise SpotlightError(f"the budget has fractions for {len(self.heads)} KV heads, the layer {num_heads}")
+        if self.heads is None:
+            return [self.tokens_for(n_valid)] * num_heads
+        return [self.tokens_for(n_valid, h) for h in range(num_heads)]
+
+
+def _tokens(amount: float | int, n_valid: int, min_tokens: int, forced: int) -> int:
+    if isinstance(amount, float):
+        wanted = math.ceil(amount * n_valid - 1e-9)
+    else:
+        wanted = int(amount)
+    wanted = max(wanted, min_tokens, min(forced, n_valid))
+    return min(wanted, n_valid)
 
 
 def parse_budget(text: str) -> float | int:
@@ -111,6 +140,10 @@ class SpotlightConfig:
     # Sibling projections that read one input (q/k/v, gate/up) run as one GEMM over their weights stored
     # side by side (fused_projections.py): no second copy of any weight, any device.
     fuse_projections: bool = True
+    # A head budget profile (budgets.py, `spotlight calibrate`): the budget is then the mean over the
+    # sparse (layer, KV head) cells, shared out by their calibrated attention mass curves. None: every
+    # head reads the same fraction.
+    head_budgets: str | None = None
 
     def __post_init__(self):
         try:
@@ -130,6 +163,12 @@ class SpotlightConfig:
         if self.cache not in ("auto", "static", "dynamic"):
             raise SpotlightError(f"cache must be 'auto', 'static' or 'dynamic', got {self.cache!r}")
         self.budget_spec  # validates budget, min_tokens, sink, window
+        if self.head_budgets is not None:
+            if not isinstance(self.head_budgets, (str, os.PathLike)):
+                raise SpotlightError(f"head_budgets must be the path of a head budget profile, got {self.head_budgets!r}")
+            self.head_budgets = os.fspath(self.head_budgets)
+            if not self.budget_spec.is_fraction:
+                raise SpotlightError(f"head_budgets split a fractional budget; {self.budget!r} is a token count")
 
     @property
     def budget_spec(self) -> Budget:

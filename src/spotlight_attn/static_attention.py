@@ -18,7 +18,7 @@ import torch
 from spotlight_attn.config import Method
 from spotlight_attn.kernels import ops
 from spotlight_attn.kernels.dense import dense_prefill
-from spotlight_attn.kernels.score_select import device_tokens_for
+from spotlight_attn.kernels.score_select import device_head_tokens, device_tokens_for
 
 # Methods the static cache serves; the others (oracle, quest, streaming) decode over the dynamic cache.
 STATIC_METHODS = (Method.DENSE, Method.SPOTLIGHT, Method.LINEAR)
@@ -29,7 +29,7 @@ def static_attention(installed, cache, layer, query: torch.Tensor, scaling: floa
     if query.shape[2] > 1:
         return dense_prefill(query, layer.k_by_token, layer.v_by_token, cache.seq.new_valid, layer.lengths, scaling)
     config = installed.config
-    budget = config.budget_spec
+    budget = config.budget_spec  # sink, window, min_tokens; the keys each row reads come from the step's plan
     if layer.layer_idx == 0:
         _plan_step(cache, layer, budget)
     if layer.key_hasher is None:  # a dense layer, or method dense
@@ -44,8 +44,10 @@ def static_attention(installed, cache, layer, query: torch.Tensor, scaling: floa
             layer.write_newest_codes(key_codes)
     else:
         query_codes = hasher.query_codes(layer.layer_idx, query)  # [B, Hq, 1, W]
+    plan = cache.layers[0]
+    bounds = plan.bounds if plan.head_bounds is None else plan.head_bounds[layer.layer_idx]  # [B, 3] or [B, Hkv, 3]
     indices = ops.score_select_op(
-        query_codes, layer.codes, cache.layers[0].bounds, cache.k, hasher.bits, budget.sink, budget.window, use_kernel
+        query_codes, layer.codes, bounds, cache.k, hasher.bits, budget.sink, budget.window, use_kernel
     )  # [B, Hkv, k]; query codes [B, Hq, 1, W] or, from step_codes, [B, Hkv, G, W], read in place
     keys, values = layer.k_by_token.transpose(1, 2), layer.v_by_token.transpose(1, 2)  # [B, Hkv, T, D] (see update)
     out = ops.sparse_decode_op(query, keys, values, indices, scaling, use_kernel)  # [B, Hq, 1, D]
@@ -56,7 +58,8 @@ def _plan_step(cache, layer, budget) -> None:
     """What every layer of a decode step shares, made once, at layer 0 (after its update; every layer
     holds the same keys):
     - the selection bounds (start 0, end = lengths, keys to read) into layer 0's `bounds`, which
-      every hash layer passes to score_select;
+      every hash layer passes to score_select; with head budgets, every layer's per-head bounds into
+      layer 0's `head_bounds` at once;
     - the keys read and held over all layers, added to cache.read / cache.cached: a hash layer reads
       device_tokens_for of the held keys, a dense layer all.
     Made per layer instead, these cost a launch and two reductions per layer per step."""
@@ -65,7 +68,12 @@ def _plan_step(cache, layer, budget) -> None:
     held = lengths.sum() * hkv
     n_layers, n_hash = len(cache.layers), cache.hash_layers
     read = held * (n_layers - n_hash)
-    if n_hash:
+    if n_hash and layer.head_bounds is not None:
+        k_heads = device_head_tokens(lengths, layer.head_fractions, budget)  # [L, B, Hkv]
+        ends = lengths[None, :, None].expand_as(k_heads)
+        layer.head_bounds.copy_(torch.stack([torch.zeros_like(k_heads), ends, k_heads], dim=-1))
+        read = read + k_heads[cache.hash_layer_indices].sum()
+    elif n_hash:
         k_rows = device_tokens_for(lengths, budget)  # [B]
         layer.bounds.copy_(torch.stack([torch.zeros_like(k_rows), lengths, k_rows], dim=1))
         read = read + k_rows.sum() * hkv * n_hash

@@ -21,7 +21,9 @@ Per layer:
   to each, updates them in one launch.
 - bounds [B, 3] int32: the current decode step's selection bounds (kernels/score_select.py's plan:
   start 0, end lengths[b], keys to read). static_attention writes layer 0's once per step and every
-  hash layer reads it: after their writes, all layers hold the same lengths.
+  hash layer reads it: after their writes, all layers hold the same lengths. With a head budget
+  profile (budgets.py) layer 0 holds per-head bounds for every layer instead, head_bounds
+  [L, B, Hkv, 3], made from its head_fractions [L, Hkv] in the same one pass per step.
 A decode step (one new token per row) writes at lengths[b] and adds 1: fixed shapes and no host
 read, so the whole step compiles and is captured in a CUDA graph. The buffers are marked static
 addresses, as transformers marks its own, so CUDA graphs read them in place.
@@ -66,6 +68,8 @@ class SpotlightStaticLayer(CacheLayerMixin):
         self.key_hasher = key_hasher  # keys [B, Hkv, n, D] -> codes [B, Hkv, n, W], or None (dense layer)
         self.words = words
         self.codes: torch.Tensor | None = None
+        self.plan_fractions: torch.Tensor | None = None  # layer 0 with head budgets: [L, Hkv] float64 (CPU)
+        self.head_bounds: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, hkv, _, d = key_states.shape
@@ -85,8 +89,14 @@ class SpotlightStaticLayer(CacheLayerMixin):
         self.bounds = torch.zeros(b, 3, dtype=torch.int32, device=device)
         self.rows = torch.arange(b, device=device)
         self.cu_k = torch.arange(b + 1, dtype=torch.int32, device=device) * t  # row starts in [B * T, Hkv, D]
-        _static(self.k_by_token, self.v_by_token, self.counts, self.bounds, self.rows, self.cu_k,
-                *([self.codes] if self.codes is not None else []))
+        extra = [self.codes] if self.codes is not None else []
+        if self.plan_fractions is not None:
+            if self.plan_fractions.shape[1] != hkv:
+                raise SpotlightError(f"the head budgets have {self.plan_fractions.shape[1]} KV heads, the cache {hkv}")
+            self.head_fractions = self.plan_fractions.to(device)
+            self.head_bounds = torch.zeros(self.plan_fractions.shape[0], b, hkv, 3, dtype=torch.int32, device=device)
+            extra += [self.head_fractions, self.head_bounds]
+        _static(self.k_by_token, self.v_by_token, self.counts, self.bounds, self.rows, self.cu_k, *extra)
         self.is_initialized = True
 
     # Views made at each use, not stored (see the end of update).
@@ -213,17 +223,28 @@ class SpotlightStaticCache(Cache):
 
     `read` / `cached` (0-d tensors, updated in place by the attention step): keys read and valid keys
     held, summed over decode steps and layers (attention.read_fraction). `k` is the fixed width of a
-    hash layer's index buffer: the budget's token count at full capacity (rows that read fewer pad -1).
+    hash layer's index buffer: the budget's token count at full capacity (rows that read fewer pad -1),
+    the largest over layers and heads with head budgets.
     """
 
-    def __init__(self, layer_specs: list[tuple], max_tokens: int, budget: Budget, owner=None):
-        """layer_specs[i] = (key hasher or None, code words) of layer i."""
+    def __init__(self, layer_specs: list[tuple], max_tokens: int, budget: Budget | list[Budget], owner=None):
+        """layer_specs[i] = (key hasher or None, code words) of layer i; `budget`: one for every layer, or one per layer."""
         self.seq = StaticSequence()
         self.owner = owner
         layers = [SpotlightStaticLayer(self.seq, i, max_tokens, hasher, words) for i, (hasher, words) in enumerate(layer_specs)]
         super().__init__(layers=layers)
-        self.k = budget.tokens_for(self.max_tokens)
+        budgets = budget if isinstance(budget, list) else [budget] * len(layers)
+        hashed = [b for b, layer in zip(budgets, layers) if layer.key_hasher is not None] or budgets[:1]
+        self.k = max(b.tokens_for(self.max_tokens) for b in hashed)
         self.hash_layers = sum(layer.key_hasher is not None for layer in self.layers)
+        self.hash_layer_indices = [i for i, layer in enumerate(layers) if layer.key_hasher is not None]
+        heads = {len(b.heads) for b in hashed if b.heads is not None}
+        if heads:  # every layer's per-head fractions, for layer 0's plan (dense layers' rows unused)
+            if len(heads) > 1:
+                raise SpotlightError(f"head budgets with different KV head counts per layer: {sorted(heads)}")
+            width = heads.pop()
+            rows = [b.heads if b.heads is not None else (float(b.amount),) * width for b in budgets]
+            layers[0].plan_fractions = torch.tensor(rows, dtype=torch.float64)
         self.read = torch.zeros((), dtype=torch.int64)
         self.cached = torch.zeros((), dtype=torch.int64)
 

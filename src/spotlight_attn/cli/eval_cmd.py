@@ -54,6 +54,8 @@ def add_parser(subparsers, parents=()) -> None:
         p.add_argument("--methods", default=DEFAULT_METHODS,
                        help="comma-separated: dense, oracle, streaming, spotlight[=FILE], linear<bits>, quest[:<page>] (default: %(default)s)")
         p.add_argument("--budgets", default="0.1,0.02", help="comma-separated fractions ('0.1', '2%%') or counts (default: %(default)s)")
+        p.add_argument("--head-budgets", metavar="METHOD=FILE,...",
+                       help="also run these methods with a head budget profile (`spotlight calibrate`), as METHOD+heads")
         p.add_argument("--out", type=Path, default=Path(f"results/{kind}.json"), help="results JSON; .md and .png beside it (default: %(default)s)")
         p.add_argument("--limit", type=int, metavar="N", help="at most N chunks / prompts / tasks, for a quick run")
         p.add_argument("--seed", type=int, default=0)
@@ -141,7 +143,7 @@ def run_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = common.parse_methods(args.methods, args.hasher)
+    specs = common.with_head_budgets(common.parse_methods(args.methods, args.hasher), args.head_budgets)
     budgets = common.parse_budgets(args.budgets)
     base = _base_config(args)
     if args.out.suffix != ".json":

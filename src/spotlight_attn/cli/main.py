@@ -7,6 +7,7 @@
     spotlight report results/ppl.json ...
     spotlight bench retrieval|attention|decode (GPU)
     spotlight data list|pack|show (corpora, and packed token files for machines without them)
+    spotlight calibrate --method spotlight --data manpages,stdlib --out heads.safetensors (head budgets)
 
 The completion goes to stdout and one summary line to stderr, so the text pipes cleanly.
 Bad input (a `SpotlightError`, or a file that cannot be read) ends with one line
@@ -74,6 +75,8 @@ def _config_args(parser: argparse.ArgumentParser, **defaults) -> None:
                             help=f"{text} (default: {shown[name]})")
     parser.add_argument("--dense-layers", metavar="I,J",
                         help=f"layers that always read every key, comma-separated, '' for none (default: {','.join(map(str, shown['dense_layers']))})")
+    parser.add_argument("--head-budgets", metavar="FILE",
+                        help="share the budget over (layer, KV head) by this profile (`spotlight calibrate`) instead of evenly")
 
 
 def _model_args(parser: argparse.ArgumentParser, model: str | None) -> None:
@@ -113,12 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="(default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
 
-    from spotlight_attn.cli import bench_cmd, data_cmd, eval_cmd, train_cmd
+    from spotlight_attn.cli import bench_cmd, calibrate_cmd, data_cmd, eval_cmd, train_cmd
 
     train_cmd.add_parser(commands)
     eval_cmd.add_parser(commands, parents=[verbose])
     bench_cmd.add_parser(commands)
     data_cmd.add_parser(commands, parents=[verbose])
+    calibrate_cmd.add_parser(commands, parents=[verbose])
     return parser
 
 
@@ -130,9 +134,13 @@ def spotlight_config(args: argparse.Namespace) -> SpotlightConfig:
             kwargs[name] = getattr(args, name)
     if args.dense_layers is not None:
         kwargs["dense_layers"] = parse_layers(args.dense_layers, "--dense-layers")
+    if getattr(args, "head_budgets", None) is not None:
+        kwargs["head_budgets"] = args.head_budgets
     config = SpotlightConfig(**kwargs)
     if args.hasher is not None and not Path(args.hasher).is_file():
         raise SpotlightError(f"hasher file not found: {args.hasher}")
+    if config.head_budgets is not None and not Path(config.head_budgets).is_file():
+        raise SpotlightError(f"head budget profile not found: {config.head_budgets}")
     return config
 
 

@@ -39,14 +39,17 @@ class MethodSpec:
     bits: int | None = None  # linear: SimHash width
     page_size: int | None = None  # quest
     hasher: str | None = None  # spotlight: learned hasher file
+    head_budgets: str | None = None  # a head budget profile (budgets.py): the label gets "+heads"
 
     @property
     def label(self) -> str:
         if self.method is Method.LINEAR:
-            return f"linear{self.bits}"
-        if self.method is Method.QUEST:
-            return f"quest{self.page_size}"
-        return self.method.value
+            name = f"linear{self.bits}"
+        elif self.method is Method.QUEST:
+            name = f"quest{self.page_size}"
+        else:
+            name = self.method.value
+        return name + ("+heads" if self.head_budgets else "")
 
     @property
     def budgeted(self) -> bool:
@@ -59,6 +62,8 @@ class MethodSpec:
             changes["bits"] = self.bits
         if self.page_size is not None:
             changes["page_size"] = self.page_size
+        if self.head_budgets is not None:
+            changes["head_budgets"] = self.head_budgets
         return replace(base, **changes)
 
 
@@ -95,6 +100,35 @@ def parse_methods(text: str, hasher: str | None = None) -> list[MethodSpec]:
     if not specs:
         raise SpotlightError("no methods given")
     return specs
+
+
+def with_head_budgets(specs: list[MethodSpec], text: str | None) -> list[MethodSpec]:
+    """'spotlight=a.safetensors,linear1024=b.safetensors': after each named method, the same method
+    with that head budget profile (label "<method>+heads"), so a run compares the two."""
+    if not text:
+        return specs
+    profiles = {}
+    for word in (w.strip() for w in text.split(",")):
+        if not word:
+            continue
+        label, sep, path = word.partition("=")
+        if not sep or not path:
+            raise SpotlightError(f"--head-budgets takes METHOD=FILE pairs (e.g. spotlight=heads.safetensors), got {word!r}")
+        if not Path(path).is_file():
+            raise SpotlightError(f"head budget profile not found: {path}")
+        profiles[label] = path
+    labels = {spec.label for spec in specs}
+    unknown = sorted(set(profiles) - labels)
+    if unknown:
+        raise SpotlightError(f"--head-budgets names methods {unknown} that --methods does not run ({sorted(labels)})")
+    out = []
+    for spec in specs:
+        out.append(spec)
+        if spec.label in profiles:
+            if not spec.budgeted or spec.method in (Method.QUEST, Method.STREAMING):
+                raise SpotlightError(f"head budgets serve spotlight, linear and oracle, not {spec.label}")
+            out.append(replace(spec, head_budgets=profiles[spec.label]))
+    return out
 
 
 def parse_budgets(text: str) -> list[float | int]:

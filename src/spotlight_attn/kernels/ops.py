@@ -37,8 +37,8 @@ def score_select_op(
     use_kernel: int = -1,
 ) -> torch.Tensor:
     """query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (read in place: any strides but the
-    last), key_codes [B, Hkv, T, W] int32, bounds [B, 3] int32 (valid run start, end, keys to read:
-    kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails."""
+    last), key_codes [B, Hkv, T, W] int32, bounds [B, 3] or per KV head [B, Hkv, 3] int32 (valid run
+    start, end, keys to read: kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails."""
     from spotlight_attn.kernels.score_select import SelectPlan, _score_select_triton, kernel_serves, query_group
 
     budget = Budget(0, min_tokens=0, sink=sink, window=window)
@@ -50,7 +50,8 @@ def score_select_op(
 
 
 def _score_select_rows_reference(query_codes, key_codes, bounds, k, bits, budget: Budget) -> torch.Tensor:
-    """The reference, row by row: row b reads bounds[b, 2] keys of its valid run, padded to k with -1."""
+    """The reference, row by row: row b (head h) reads bounds[b, (h,) 2] keys of its valid run, padded
+    to k with -1."""
     from spotlight_attn.kernels.score_select import hamming_scores
     from spotlight_attn.selection.topk import select_topk
 
@@ -58,11 +59,14 @@ def _score_select_rows_reference(query_codes, key_codes, bounds, k, bits, budget
     out = torch.full((b, hkv, k), -1, dtype=torch.int64, device=key_codes.device)
     scores = hamming_scores(query_codes, key_codes, bits)  # [B, Hkv, T]
     positions = torch.arange(t, device=key_codes.device)
-    for row, (start, end, k_row) in enumerate(bounds.tolist()):
-        valid = ((positions >= start) & (positions < end))[None]  # [1, T]
-        row_budget = Budget(int(k_row), min_tokens=0, sink=budget.sink, window=budget.window)
-        picked = select_topk(scores[row : row + 1], valid, row_budget)[0]  # [Hkv, k_row]
-        out[row, :, : picked.shape[-1]] = picked
+    per_head = bounds.reshape(b, -1, 3).tolist()  # [B, 1 or Hkv, 3]
+    for row in range(b):
+        for h, (start, end, k_row) in enumerate(per_head[row]):
+            heads = slice(h, h + 1) if len(per_head[row]) > 1 else slice(None)
+            valid = ((positions >= start) & (positions < end))[None]  # [1, T]
+            row_budget = Budget(int(k_row), min_tokens=0, sink=budget.sink, window=budget.window)
+            picked = select_topk(scores[row : row + 1, heads], valid, row_budget)[0]  # [heads, k_row]
+            out[row, heads, : picked.shape[-1]] = picked
     return out
 
 

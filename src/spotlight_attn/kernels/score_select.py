@@ -97,16 +97,21 @@ class SelectPlan:
 
     budget: Budget
     k: int  # output width: the largest per-row token count
-    k_rows: tuple[int, ...]  # tokens each batch row reads, forced ones included
-    bounds: torch.Tensor  # [B, 3] int32 on the cache's device: valid run start, end, k_row
+    k_rows: tuple[int, ...]  # tokens each batch row reads (its most-reading KV head's), forced ones included
+    bounds: torch.Tensor  # [B, 3] int32 on the cache's device: valid run start, end, k_row; [B, Hkv, 3] per head
     contiguous: bool  # every row's valid keys form one run (else the kernels cannot serve it)
 
 
-def plan_select(key_valid: torch.Tensor, budget: Budget) -> SelectPlan:
-    """key_valid [B, T] bool -> the SelectPlan for this step (one device-to-host read)."""
+def plan_select(key_valid: torch.Tensor, budget: Budget, num_heads: int | None = None) -> SelectPlan:
+    """key_valid [B, T] bool -> the SelectPlan for this step (one device-to-host read). A budget with
+    per-head fractions needs `num_heads` (the KV heads) and gets per-head bounds [B, Hkv, 3]."""
     b, t = key_valid.shape
+    heads = len(budget.heads) if budget.heads is not None else None
+    if heads is not None and num_heads != heads:
+        raise ValueError(f"the budget has fractions for {heads} KV heads, the plan is for {num_heads}")
+    shape = (b, 3) if heads is None else (b, heads, 3)
     if b == 0 or t == 0:
-        empty = torch.zeros(b, 3, dtype=torch.int32, device=key_valid.device)
+        empty = torch.zeros(shape, dtype=torch.int32, device=key_valid.device)
         return SelectPlan(budget, 0, (0,) * b, empty, True)
     pos = torch.arange(t, device=key_valid.device)
     n_valid = key_valid.sum(-1)
@@ -114,22 +119,46 @@ def plan_select(key_valid: torch.Tensor, budget: Budget) -> SelectPlan:
     last = torch.where(key_valid, pos, -1).amax(-1)
     rows = torch.stack([n_valid, first, last], dim=1).tolist()
     contiguous = all(n == 0 or hi - lo + 1 == n for n, lo, hi in rows)
-    k_rows = tuple(budget.tokens_for(int(n)) for n, _, _ in rows)
-    bounds = [[lo, lo + n, kr] if n else [0, 0, 0] for (n, lo, _), kr in zip(rows, k_rows)]
-    bounds = torch.tensor(bounds, dtype=torch.int32).to(key_valid.device, non_blocking=True)
+    per_head = [budget.head_tokens_for(int(n), heads or 1) for n, _, _ in rows]
+    k_rows = tuple(max(kr) for kr in per_head)
+    bounds = [[[lo, lo + n, kr] if n else [0, 0, 0] for kr in krs] for (n, lo, _), krs in zip(rows, per_head)]
+    bounds = torch.tensor(bounds, dtype=torch.int32).reshape(shape).to(key_valid.device, non_blocking=True)
     return SelectPlan(budget, max(k_rows), k_rows, bounds, contiguous)
 
 
-def device_tokens_for(n_valid: torch.Tensor, budget: Budget) -> torch.Tensor:
-    """Budget.tokens_for on a device tensor of valid counts [B] -> [B] int64, with no host read.
+def device_tokens_for(n_valid: torch.Tensor, budget: Budget, num_heads: int | None = None) -> torch.Tensor:
+    """Budget.tokens_for on a device tensor of valid counts [B] -> [B] int64, with no host read; with
+    `num_heads`, per KV head -> [B, num_heads] (each head's fraction where the budget has per-head ones).
 
     Same arithmetic as the host version (float64 ceil of amount * n - 1e-9), so the two agree exactly.
     """
     n = n_valid.to(torch.int64)
-    if budget.is_fraction:
+    if num_heads is not None:
+        if budget.heads is not None and len(budget.heads) != num_heads:
+            raise ValueError(f"the budget has fractions for {len(budget.heads)} KV heads, not {num_heads}")
+        n = n[:, None].expand(-1, num_heads)
+    elif budget.heads is not None:
+        raise ValueError("a budget with per-head fractions needs num_heads")
+    if budget.heads is not None:
+        amount = torch.tensor(budget.heads, dtype=torch.float64, device=n.device)
+        wanted = torch.ceil(amount * n.to(torch.float64) - 1e-9).to(torch.int64)
+    elif budget.is_fraction:
         wanted = torch.ceil(budget.amount * n.to(torch.float64) - 1e-9).to(torch.int64)
     else:
         wanted = torch.full_like(n, int(budget.amount))
+    return _tokens_rule(wanted, n, budget)
+
+
+def device_head_tokens(n_valid: torch.Tensor, fractions: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """Per-head fractions [L, Hkv] float64 (a head budget profile's, all layers at once) and valid
+    counts [B] -> tokens read [L, B, Hkv] int64, as Budget(heads=fractions[l]).tokens_for would give."""
+    n = n_valid.to(torch.int64)[None, :, None]  # [1, B, 1]
+    wanted = torch.ceil(fractions[:, None, :] * n.to(torch.float64) - 1e-9).to(torch.int64)
+    return _tokens_rule(wanted, n, budget)
+
+
+def _tokens_rule(wanted: torch.Tensor, n: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """Budget.tokens_for's rule after the amount: raised to the forced keys and min_tokens, capped at n."""
     wanted = torch.maximum(wanted, torch.clamp(n, max=budget.sink + budget.window))
     wanted = torch.clamp(wanted, min=budget.min_tokens)
     return torch.minimum(wanted, n)
@@ -281,7 +310,7 @@ def _score_block_masked(
 @_triton.kernel
 def _score_chunk(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
-    stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+    stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr,
@@ -292,9 +321,10 @@ def _score_chunk(
     for padding), hist[row, chunk, NBC] and forced[row, chunk]; returns the row's k_row."""
     b = row // num_kv_heads
     h = row % num_kv_heads
-    start = tl.load(bounds_ptr + b * 3)
-    end = tl.load(bounds_ptr + b * 3 + 1)
-    k_row = tl.load(bounds_ptr + b * 3 + 2)
+    bound = bounds_ptr + b * stride_bb + h * stride_bh  # [B, 3] (stride_bh 0) or per head [B, Hkv, 3]
+    start = tl.load(bound)
+    end = tl.load(bound + 1)
+    k_row = tl.load(bound + 2)
 
     # Query side, once per program: majority bits and the |d| planes of this KV head's G query heads.
     g = tl.arange(0, G_PAD)
@@ -413,7 +443,7 @@ def _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_ro
 @_triton.kernel
 def _score_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
-    stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+    stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
@@ -426,7 +456,7 @@ def _score_kernel(
     row = tl.program_id(1)
     k_row = _score_chunk(
         q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
-        stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+        stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
         num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
         G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
     )
@@ -535,7 +565,7 @@ def _refine_kernel(
 @_triton.kernel
 def _emit_chunk(
     score_row, out_row, state_ptr, emit_ptr, bounds_ptr, row, chunk,
-    num_kv_heads, T, k, chunk_tokens, n_chunks,
+    num_kv_heads, stride_bb, stride_bh, T, k, chunk_tokens, n_chunks,
     BT: tl.constexpr, FORCED: tl.constexpr, HW: tl.constexpr,
 ):
     """Pass 3 for one chunk: out_row gets the chunk's picked positions (int64) at its offset, in
@@ -570,7 +600,7 @@ def _emit_chunk(
         offset += (total & 0xFFFF) + tl.maximum(ties_seen + (total >> 16) - skip, 0) - taken_before
         ties_seen += total >> 16
     if chunk == 0:
-        k_row = tl.load(bounds_ptr + (row // num_kv_heads) * 3 + 2)
+        k_row = tl.load(bounds_ptr + (row // num_kv_heads) * stride_bb + (row % num_kv_heads) * stride_bh + 2)
         for tail in range(k_row, k, BT):
             slot = tail + tl.arange(0, BT)
             tl.store(out_row + slot, tl.full([BT], -1, tl.int64), mask=slot < k)
@@ -579,7 +609,7 @@ def _emit_chunk(
 @_triton.kernel
 def _emit_kernel(
     score_ptr, state_ptr, emit_ptr, bounds_ptr, out_ptr,
-    num_kv_heads, T, score_stride, k, chunk_tokens, n_chunks,
+    num_kv_heads, stride_bb, stride_bh, T, score_stride, k, chunk_tokens, n_chunks,
     BT: tl.constexpr, FORCED: tl.constexpr, HW: tl.constexpr,
 ):
     """Pass 3 for chunk program_id(0) of row program_id(1) (_emit_chunk)."""
@@ -587,14 +617,14 @@ def _emit_kernel(
     row = tl.program_id(1)
     _emit_chunk(
         score_ptr + row.to(tl.int64) * score_stride, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
-        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT, FORCED, HW,
+        row, chunk, num_kv_heads, stride_bb, stride_bh, T, k, chunk_tokens, n_chunks, BT, FORCED, HW,
     )
 
 
 @_triton.kernel
 def _select_kernel(
     q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, fine_ptr, emit_ptr, out_ptr,
-    counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+    counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
     num_kv_heads, T, score_stride, bits, sink, window, k, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
@@ -619,7 +649,7 @@ def _select_kernel(
     if SCORE:
         k_row = _score_chunk(
             q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
-            stride_qb, stride_qk, stride_qg, stride_kb, stride_kh,
+            stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
             num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
             G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
         )
@@ -650,7 +680,7 @@ def _select_kernel(
 
     _emit_chunk(
         score_row, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
-        row, chunk, num_kv_heads, T, k, chunk_tokens, n_chunks, BT_EMIT, FORCED, ASM_STORE,
+        row, chunk, num_kv_heads, stride_bb, stride_bh, T, k, chunk_tokens, n_chunks, BT_EMIT, FORCED, ASM_STORE,
     )
     tl.debug_barrier()
     if tl.atomic_add(counters + 3, 1, sem="acq_rel") == n_chunks - 1:
@@ -760,7 +790,9 @@ def _score_select_triton(
         HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
-    strides = (query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1))
+    bounds = plan.bounds  # [B, 3], or per KV head [B, Hkv, 3]
+    bound_strides = (bounds.stride(0), bounds.stride(1) if bounds.dim() == 3 else 0)
+    strides = (query_codes.stride(0), stride_qk, stride_qg, key_codes.stride(0), key_codes.stride(1), *bound_strides)
     bt_refine = min(bt_emit, refine_tokens)
     # Pass 2's packed counts (a key slot counts one key a block): 4-bit fields where a chunk has at most
     # 15 blocks, else 8-bit fields up to 255 blocks, else tl.histogram.
@@ -768,7 +800,7 @@ def _score_select_triton(
     packed = 0 if fine_bins > 16 else 4 if nibbles and refine_blocks <= 15 else 8 if refine_blocks <= 255 else 0
     fusing = gpu and fuse != "none"
     if fusing:
-        fused_args = (query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, fine, emit, out,
+        fused_args = (query_codes, key_codes, bounds, scores, hist, forced, base, state, fine, emit, out,
                       _triton.zeroed_counters(device, 4 * rows), *strides,
                       hkv, t, t_stride, bits, budget.sink, budget.window, plan.k, chunks, chunk_blocks)
         fused_meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed,
@@ -780,7 +812,7 @@ def _score_select_triton(
             return out
     counters = _triton.zeroed_counters(device, rows)  # passes 1 and 2 each leave them at zero
     _score_kernel[grid](
-        query_codes, key_codes, plan.bounds, scores, hist, forced, base, state, counters,
+        query_codes, key_codes, bounds, scores, hist, forced, base, state, counters,
         *strides, hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks, **score_meta,
     )
     if fusing:  # "tail", or "all" where the whole kernel did not fit
@@ -794,7 +826,7 @@ def _score_select_triton(
         SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, num_warps=refine_warps,
     )
     _emit_kernel[grid](
-        scores, state, emit, plan.bounds, out, hkv, t, t_stride, plan.k, chunk_tokens, chunks,
+        scores, state, emit, bounds, out, hkv, *bound_strides, t, t_stride, plan.k, chunk_tokens, chunks,
         BT=bt_emit, FORCED=FORCED, HW=gpu and asm_store, num_warps=emit_warps,
     )
     return out
@@ -835,7 +867,7 @@ def score_select(
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
     if not kernel_serves(query_group(query_codes, key_codes.shape[1]), bits):
         return score_select_reference(query_codes, key_codes, key_valid, budget, bits)
-    plan = plan if plan is not None else plan_select(key_valid, budget)
+    plan = plan if plan is not None else plan_select(key_valid, budget, key_codes.shape[1])
     if plan.budget != budget:
         raise ValueError(f"plan was built for {plan.budget}, not {budget}")
     if not plan.contiguous:

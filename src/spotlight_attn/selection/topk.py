@@ -1,7 +1,8 @@
 """The selection rules every selector shares, as a pure-torch reference.
 
 Given per-token scores for each (batch row, KV head), pick the positions a decode step reads:
-- a row holding n valid tokens reads k_row = Budget.tokens_for(n) of them (config.py says how);
+- a row holding n valid tokens reads k_row = Budget.tokens_for(n) of them (config.py says how), per
+  KV head where the budget has per-head fractions;
 - the first `sink` and last `window` valid tokens are always picked (inside k_row);
 - padding (key_valid == False) is never picked;
 - the rest go by score, highest first; equal scores prefer the more recent token;
@@ -14,12 +15,12 @@ from __future__ import annotations
 import torch
 
 from spotlight_attn.config import Budget
+from spotlight_attn.kernels.score_select import device_tokens_for
 
 
-def rows_budget(key_valid: torch.Tensor, budget: Budget) -> torch.Tensor:
-    """key_valid [B, T] bool -> tokens read per row [B] int64."""
-    n_valid = key_valid.sum(-1).tolist()
-    return torch.tensor([budget.tokens_for(int(n)) for n in n_valid], dtype=torch.int64, device=key_valid.device)
+def rows_budget(key_valid: torch.Tensor, budget: Budget, num_heads: int = 1) -> torch.Tensor:
+    """key_valid [B, T] bool -> tokens read per (row, KV head) [B, num_heads] int64 (Budget.tokens_for)."""
+    return device_tokens_for(key_valid.sum(-1), budget, num_heads)
 
 
 def forced_mask(key_valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
@@ -32,13 +33,14 @@ def forced_mask(key_valid: torch.Tensor, sink: int, window: int) -> torch.Tensor
 
 def select_mask(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget, k_rows: torch.Tensor | None = None) -> torch.Tensor:
     """scores [B, H, T] (int or float), key_valid [B, T] bool -> [B, H, T] bool: the positions the rules
-    pick (k_rows: rows_budget(key_valid, budget), when the caller has it).
+    pick (k_rows [B, H] or [B]: rows_budget(key_valid, budget, H), when the caller has it).
 
     No sort: the k_row-th largest priority of each row is its threshold; every key above it is
     picked, and of the valid keys equal to it, the most recent ones until the row holds k_row."""
     b, h, t = scores.shape
-    k_rows = rows_budget(key_valid, budget) if k_rows is None else k_rows  # [B]
-    k = int(k_rows.max()) if b else 0
+    k_rows = rows_budget(key_valid, budget, h) if k_rows is None else k_rows
+    k_rows = k_rows[:, None].expand(b, h) if k_rows.dim() == 1 else k_rows  # [B, H]
+    k = int(k_rows.max()) if b * h else 0
     if k == 0:
         return torch.zeros(b, h, t, dtype=torch.bool, device=scores.device)
 
@@ -48,20 +50,20 @@ def select_mask(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget, k
     priority = priority.masked_fill(~key_valid[:, None, :], float("-inf"))
 
     top = priority.topk(k, dim=-1).values  # [B, H, k], descending
-    kth = top.gather(-1, (k_rows - 1).clamp(min=0)[:, None, None].expand(b, h, 1))  # [B, H, 1]
+    kth = top.gather(-1, (k_rows - 1).clamp(min=0)[:, :, None])  # [B, H, 1]
     above = priority > kth
     tie = (priority == kth) & key_valid[:, None, :]
-    need = k_rows[:, None, None] - above.sum(-1, keepdim=True)  # ties still to take, >= 1
+    need = k_rows[:, :, None] - above.sum(-1, keepdim=True)  # ties still to take, >= 1
     ties_from_here = tie.flip(-1).cumsum(-1).flip(-1)  # ties at this position or later
     picked = above | (tie & (ties_from_here <= need))
-    return picked & (k_rows > 0)[:, None, None]
+    return picked & (k_rows > 0)[:, :, None]
 
 
 def select_topk(scores: torch.Tensor, key_valid: torch.Tensor, budget: Budget) -> torch.Tensor:
     """scores [B, H, T] (int or float), key_valid [B, T] bool -> indices [B, H, k] int64 (-1 = unused)."""
     b, h, t = scores.shape
-    k_rows = rows_budget(key_valid, budget)  # [B]
-    k = int(k_rows.max()) if b else 0
+    k_rows = rows_budget(key_valid, budget, h)  # [B, H]
+    k = int(k_rows.max()) if b * h else 0
     if k == 0:
         return torch.full((b, h, 0), -1, dtype=torch.int64, device=scores.device)
     picked = select_mask(scores, key_valid, budget, k_rows)
