@@ -12,6 +12,12 @@
 #            needle (NEEDLE_KINDS at NEEDLE_LENGTHS, 40 tasks a cell), fidelity over 32 prompts; one process per
 #            (methods, budgets) group side by side, merged per evaluation by `spotlight report --merge`
 #   dense1   perplexity as in eval with layer 0 alone dense (the shipped hasher holds layers 1-29)
+#   calibrate  `spotlight calibrate` for each of CALIBRATE (default linear1024) on $P/calib-4112.safetensors (manpages
+#            and stdlib, 4 train chunks each: `spotlight data pack --model smollm2-135m --data manpages,stdlib --split train
+#            --chunk-len 4112 --chunks 4`), into $OUT/head_budgets and /root/heads (the heads phase reads it there)
+#   heads    head budgets (budgets.py) against the even budget on the same chunks: perplexity (PPL_CHUNKS) and
+#            attention mass (8 chunks, 16 steps after 4096) on kjv and perl-docs, for the shipped hasher and SimHash-1024,
+#            each with the profile `spotlight calibrate` made for it (HEADS_SPOTLIGHT, HEADS_LINEAR)
 # Packs (docs/CORPORA.md): .packs/a/train-mix-8k.part0.safetensors, .packs/b/train-mix-8k.part1.safetensors (benchmarks/split_pack.py), .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
 # .packs/b/valid-4112.safetensors. `model` installs every wheel in .whl: gguf, and for fidelity (the GPU machine lacks
 # rouge-score, which PyPI has only as an sdist) `pip wheel --no-deps -w .whl rouge-score nltk absl-py` and the wheels
@@ -72,7 +78,7 @@ for phase in "$@"; do
         cat /root/xfer/part1 .model/b/part2 > $M; }
     echo "$(cat .model/b/sha256)  $M" | sha256sum -c - || exit 4
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    mkdir -p $P && cp .packs/b/*.safetensors $P/ && mv $P/train-mix-8k.part1.safetensors /root/xfer/ && ls $P /root/xfer ;;
+    mkdir -p $P && cp .packs/b/*.safetensors $P/ && { [ ! -f $P/train-mix-8k.part1.safetensors ] || mv $P/train-mix-8k.part1.safetensors /root/xfer/; } && ls $P /root/xfer ;;
   train)
     { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -163,6 +169,36 @@ EOF
       done; wait
       tables "$Q" 20
     } 2>&1 | quiet | tee "$OUT/dense1.log" ;;
+  calibrate)
+    mkdir -p "$OUT/head_budgets" /root/heads; start=$(date +%s)
+    { for m in ${CALIBRATE:-linear1024}; do
+        sp calibrate --model $M --device $DEVICE --method $m --data $P/calib-4112.safetensors --split train --chunks 8 \
+            --context 4096 --steps 16 --out "$OUT/head_budgets/heads-$m.safetensors" > "$OUT/head_budgets/calibrate-$m.log" 2>&1 &
+      done; wait
+      for m in ${CALIBRATE:-linear1024}; do grep "^|\|^wrote\|rror" "$OUT/head_budgets/calibrate-$m.log"; done
+      cp "$OUT"/head_budgets/*.safetensors /root/heads/
+      echo "calibrate took $(( $(date +%s) - start )) s"
+    } 2>&1 | quiet | tee "$OUT/calibrate.log" ;;
+  heads)
+    Q="$OUT/heads"; mkdir -p "$Q/parts"; start=$(date +%s)
+    hs=${HEADS_SPOTLIGHT:-docs/results/head_budgets/heads-spotlight.safetensors}
+    hl=${HEADS_LINEAR:-/root/heads/heads-linear1024.safetensors}
+    run() { local name=$1; shift; sp eval "$@" --model $M --device $DEVICE --threads 1 --out "$Q/parts/$name.json" > "$Q/parts/$name.log" 2>&1; }
+    { for d in kjv perl-docs; do
+        ppl="ppl --data $P/$d-4096.safetensors --chunks $PPL_CHUNKS" mass="retrieval --data $P/$d-4112.safetensors --contexts 4096 --steps 16 --chunks 8"
+        run ppl_$d.dense $ppl --methods dense --budgets 0.1 &
+        run ppl_$d.spotlight $ppl --methods spotlight --head-budgets spotlight=$hs --budgets 0.1,0.02 &
+        run ppl_$d.linear $ppl --methods linear1024 --head-budgets linear1024=$hl --budgets 0.1,0.02 &
+        run mass_$d.spotlight $mass --methods spotlight --head-budgets spotlight=$hs --budgets 0.1,0.02 &
+        run mass_$d.linear $mass --methods linear1024 --head-budgets linear1024=$hl --budgets 0.1,0.02 &
+      done; wait
+      for d in kjv perl-docs; do
+        sp report --merge "$Q/ppl_$d.json" "$Q/parts/ppl_$d.dense.json" "$Q/parts/ppl_$d.spotlight.json" "$Q/parts/ppl_$d.linear.json" | grep -v "^plots:"
+        for m in spotlight linear; do sp report "$Q/parts/mass_$d.$m.json" | grep "^|"; done
+      done
+      echo "heads took $(( $(date +%s) - start )) s"
+      grep -l "Error\|error" "$Q"/parts/*.log
+    } 2>&1 | quiet | tee "$OUT/heads.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

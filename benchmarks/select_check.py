@@ -5,8 +5,8 @@
 tests/test_kernels.py covers the awkward shapes and every launch variant but compiles hundreds of
 kernels (8 minutes on the H200); this compiles the default launch only, at 128K x 6 and 70K x 1
 (Llama-3-8B: 8 KV heads of 4 query heads, 128 bits) and a SmolLM2-like 3-head group of 100 bits,
-with one left-padded row, at 2% and 30%. Prints one line: whether every selection equals the
-reference exactly; exits 1 if not.
+with one left-padded row, at 2% and 30%, and with head budgets (a fraction per KV head, per-head
+bounds). Prints one line: whether every selection equals the reference exactly; exits 1 if not.
 """
 
 import sys
@@ -24,9 +24,10 @@ for b, hkv, group, bits, t in [(6, 8, 4, 128, 131136), (1, 8, 4, 128, 70001), (2
     k = pack_signs_reference(torch.rand(b, hkv, t, bits, generator=g) - 0.5)
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[0, : t // 3] = False
-    for budget in (Budget(0.02, 20, 4, 16), Budget(0.3, 0, 0, 0)):
+    spread = tuple(float(f) for f in torch.linspace(0.005, 0.08, hkv).tolist())
+    for budget in (Budget(0.02, 20, 4, 16), Budget(0.3, 0, 0, 0), Budget(0.02, 20, 4, 16, heads=spread)):
         expected = score_select_reference(q, k, valid, budget, bits)
-        got = _score_select_triton(q.cuda(), k.cuda(), plan_select(valid.cuda(), budget), bits).cpu()
+        got = _score_select_triton(q.cuda(), k.cuda(), plan_select(valid.cuda(), budget, hkv), bits).cpu()
         ok &= torch.equal(got, expected)
 print("GPU score_select equals the reference:", ok)
 sys.exit(0 if ok else 1)

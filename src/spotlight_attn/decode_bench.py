@@ -84,6 +84,7 @@ class Settings:
     dense_layers: tuple[int, ...] = (0, 1)
     baselines: tuple[str, ...] = ("hf-static", "dense")
     fuse_projections: bool = True  # SpotlightConfig.fuse_projections for every row but hf-static (transformers' own)
+    head_spread: float | None = None  # hash rows: one KV head a layer reads this times the budget, the rest less (spread_budgets)
 
 
 @dataclass(slots=True)
@@ -106,13 +107,14 @@ class DecodeRow:
     command: str = ""
     note: str = ""  # e.g. which code an older row ran
     fuse_projections: bool = False  # q/k/v and gate/up each as one GEMM (fused_projections.py); rows before gen27 had not
+    head_spread: float | None = None  # Settings.head_spread of a hash row
 
     @property
     def label(self) -> str:
         if self.hasher in ("none", ""):
             return self.method
         amount = f"{self.budget * 100:g}%" if isinstance(self.budget, float) else str(self.budget)
-        return f"{self.hasher} {amount}"
+        return f"{self.hasher} {amount}" + (f" spread {self.head_spread:g}" if self.head_spread else "")
 
     def line(self) -> str:
         return (f"{self.shape:13s} {_ctx(self.context):>5s} {self.batch:3d} {self.label:22s} {self.ms_per_step:9.3f} "
@@ -161,6 +163,26 @@ def step_floor_bytes(model, lengths: list[int], config: SpotlightConfig | None, 
     if hasher is not None:
         nbytes += sum(t.numel() * t.element_size() for t in list(hasher.parameters()) + list(hasher.buffers()))
     return nbytes
+
+
+def spread_budgets(config: SpotlightConfig, geometry, spread: float) -> dict:
+    """Head budgets for speed rows of a random-weight model (no profile to calibrate): in each sparse
+    layer one KV head (a different one each layer) reads `spread` times the budget and the others share
+    the rest, so the mean stays the budget and the index buffer is as wide as a profile capped at
+    `spread` makes it (budgets.CAP)."""
+    from spotlight_attn.config import Budget
+
+    b, heads = float(config.budget_spec.amount), geometry.num_kv_heads
+    if heads < 2 or not 1.0 <= spread <= heads or spread * b > 1.0:
+        raise SpotlightError(f"--head-spread {spread} does not fit {heads} KV heads at budget {b}")
+    rest = (heads * b - spread * b) / (heads - 1)
+    base = config.budget_spec
+    out = {}
+    for n, layer in enumerate(i for i in range(geometry.num_layers) if i not in config.dense_layers):
+        shares = [rest] * heads
+        shares[n % heads] = spread * b
+        out[layer] = Budget(base.amount, base.min_tokens, base.sink, base.window, heads=tuple(shares))
+    return out
 
 
 def _fill_spotlight(model, batch: int, context: int, max_tokens: int, seed: int):
@@ -338,7 +360,8 @@ def _child_rows(spec, model_spec, shape, context: int, batch: int, settings: Set
                 "--hasher", ",".join(hashers), "--baselines", ",".join(baselines), "--bits", str(settings.bits),
                 "--steps", str(settings.steps), "--warmup", str(settings.warmup),
                 "--dense-layers", ",".join(map(str, settings.dense_layers)), "--json", str(out), "--no-isolate",
-                *([] if settings.fuse_projections else ["--no-fuse-projections"])]
+                *([] if settings.fuse_projections else ["--no-fuse-projections"]),
+                *([] if not settings.head_spread or not hashers else ["--head-spread", str(settings.head_spread)])]
         child = subprocess.run(argv, capture_output=True, text=True)
         for line in child.stdout.splitlines():
             if line.startswith("#   ") or "out of memory" in line or (header and line.startswith("# decode")):
@@ -394,6 +417,8 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
             else:
                 enable(model, hasher, config)
                 floor_hasher = getattr(model.spotlight.selector, "hasher", None)  # the one the rows decode with
+                if s.head_spread and floor_hasher is not None:
+                    model.spotlight.budgets = spread_budgets(config, model.spotlight.geometry, s.head_spread)
                 if not real:
                     cache, rewind = _fill_spotlight(model, batch, context, max_tokens, seed=0)
             if rewind:
@@ -415,7 +440,8 @@ def _one_config(model, shape_name, context, batch, s: Settings, bandwidth, devic
             del cache, rewind  # rewind holds the cache too: both go before the next row allocates its own
             _reset_compiled(model)
         row = DecodeRow(torch.cuda.get_device_name(device), shape_name, context, batch, method, hasher_name, budget,
-                        batch / step, step * 1e3, weights="real" if real else "random", command=command)
+                        batch / step, step * 1e3, weights="real" if real else "random", command=command,
+                        head_spread=s.head_spread if floor_hasher is not None else None)
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         row.floor_ms = step_floor_bytes(model, lengths, config, floor_hasher) / bandwidth * 1e3
         row.warmup_s = warmup_s

@@ -97,6 +97,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     dec.add_argument("--dense-layers", default="0,1", help="layers the spotlight rows keep dense, '' for none (default: %(default)s)")
     dec.add_argument("--no-fuse-projections", dest="fuse_projections", action="store_false",
                      help="q/k/v and gate/up as separate GEMMs (SpotlightConfig(fuse_projections=False)) in every row")
+    dec.add_argument("--head-spread", type=float, metavar="R",
+                     help="hash rows with head budgets: one KV head a layer reads R times the budget, the others the rest "
+                          "(the mean stays the budget; a speed stand-in for a calibrated profile on random weights)")
     dec.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     dec.add_argument("--plot", type=Path, metavar="PNG", help="also draw tokens/s per configuration (needs matplotlib)")
     dec.add_argument("--no-isolate", dest="isolate", action="store_false",
@@ -154,7 +157,7 @@ def run_decode(args) -> int:
         raise SpotlightError("--plot needs matplotlib: pip install matplotlib")
     require_cuda()
     settings = Settings(budgets, hashers, bits=args.bits, steps=args.steps, warmup=args.warmup, dense_layers=dense_layers,
-                        baselines=baselines, fuse_projections=args.fuse_projections)
+                        baselines=baselines, fuse_projections=args.fuse_projections, head_spread=args.head_spread)
     command = "spotlight " + " ".join(sys.argv[1:])
     if not baselines and not hashers:
         raise SpotlightError("nothing to measure: give --hasher or --baselines")
