@@ -12,9 +12,9 @@
 #            needle (NEEDLE_KINDS at NEEDLE_LENGTHS, 40 tasks a cell), fidelity over 32 prompts; one process per
 #            (methods, budgets) group side by side, merged per evaluation by `spotlight report --merge`
 #   dense1   perplexity as in eval with layer 0 alone dense (the shipped hasher holds layers 1-29)
-#   calibrate  `spotlight calibrate` for each of CALIBRATE (default linear1024) on $P/calib-4112.safetensors (manpages
-#            and stdlib, 4 train chunks each: `spotlight data pack --model smollm2-135m --data manpages,stdlib --split train
-#            --chunk-len 4112 --chunks 4`), into $OUT/head_budgets and /root/heads (the heads phase reads it there)
+#   calibrate  `spotlight calibrate` for each of CALIBRATE (default linear1024) on $P/calib-4112.safetensors (8 train
+#            chunks of manpages, as the shipped hasher's profile: `spotlight data pack --model smollm2-135m --data manpages
+#            --split train --chunk-len 4112 --chunks 8`), into $OUT/head_budgets and /root/heads (the heads phase reads it there)
 #   heads    head budgets (budgets.py) against the even budget on the same chunks: perplexity (PPL_CHUNKS) and
 #            attention mass (8 chunks, 16 steps after 4096) on kjv and perl-docs, for the shipped hasher and SimHash-1024,
 #            each with the profile `spotlight calibrate` made for it (HEADS_SPOTLIGHT, HEADS_LINEAR)
@@ -181,7 +181,7 @@ EOF
     } 2>&1 | quiet | tee "$OUT/calibrate.log" ;;
   heads)
     Q="$OUT/heads"; mkdir -p "$Q/parts"; start=$(date +%s)
-    hs=${HEADS_SPOTLIGHT:-docs/results/head_budgets/heads-spotlight.safetensors}
+    hs=${HEADS_SPOTLIGHT:-docs/results/head_budgets/heads-spotlight-manpages.safetensors}
     hl=${HEADS_LINEAR:-/root/heads/heads-linear1024.safetensors}
     run() { local name=$1; shift; sp eval "$@" --model $M --device $DEVICE --threads 1 --out "$Q/parts/$name.json" > "$Q/parts/$name.log" 2>&1; }
     { for d in kjv perl-docs; do
