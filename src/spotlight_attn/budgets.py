@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from spotlight_attn.config import Budget, Method, SpotlightConfig
 from spotlight_attn.errors import CheckpointError, HasherMismatchError, SpotlightError
-from spotlight_attn.hashing.checkpoint import CHECKED_FIELDS, atomic_write, check_geometry
+from spotlight_attn.hashing.checkpoint import CHECKED_FIELDS, atomic_write, check_geometry, read_metadata
 from spotlight_attn.identity import TOLERANCE, identity_difference, model_identity
 
 FORMAT = "spotlight-attn/head-budgets"
@@ -219,27 +219,14 @@ def save_profile(profile: HeadBudgetProfile, path: str | os.PathLike) -> Path:
 def load_profile(path: str | os.PathLike) -> HeadBudgetProfile:
     """Read and validate a profile file. Raises CheckpointError when it is missing or not one."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"head budget profile not found: {path}")
+    _, fields = read_metadata(path, "head budget profile", FORMAT, FORMAT_VERSION, ("model", "identity", "selector", "calibration"))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a spotlight-attn head budget profile (header format={metadata.get('format')!r})")
-            if metadata.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(f"{path} has head budget format_version {metadata.get('format_version')!r}; this library reads {FORMAT_VERSION}")
-            names = set(f.keys())
-            if names != {"fractions", "mass"}:
-                raise CheckpointError(f"{path} holds tensors {sorted(names)}, not fractions and mass")
-            fractions, mass = f.get_tensor("fractions").to(torch.float64), f.get_tensor("mass").to(torch.float64)
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
-    fields = {}
-    for key in ("model", "identity", "selector", "calibration"):
-        try:
-            fields[key] = json.loads(metadata[key])
-        except (KeyError, json.JSONDecodeError):
-            raise CheckpointError(f"{path} has a missing or corrupt '{key}' header field") from None
+    if set(tensors) != {"fractions", "mass"}:
+        raise CheckpointError(f"{path} holds tensors {sorted(tensors)}, not fractions and mass")
+    fractions, mass = tensors["fractions"].to(torch.float64), tensors["mass"].to(torch.float64)
     missing = [name for name in CHECKED_FIELDS if name not in (fields["model"] or {})]
     if missing or not isinstance(fields["selector"], dict) or "method" not in fields["selector"]:
         raise CheckpointError(f"{path} has an incomplete header (model fields missing: {missing})")

@@ -236,8 +236,8 @@ class SpotlightStaticCache(Cache):
         budgets = budget if isinstance(budget, list) else [budget] * len(layers)
         hashed = [b for b, layer in zip(budgets, layers) if layer.key_hasher is not None] or budgets[:1]
         self.k = max(b.tokens_for(self.max_tokens) for b in hashed)
-        self.hash_layers = sum(layer.key_hasher is not None for layer in self.layers)
         self.hash_layer_indices = [i for i, layer in enumerate(layers) if layer.key_hasher is not None]
+        self.hash_layers = len(self.hash_layer_indices)
         heads = {len(b.heads) for b in hashed if b.heads is not None}
         if heads:  # every layer's per-head fractions, for layer 0's plan (dense layers' rows unused)
             if len(heads) > 1:

@@ -14,7 +14,6 @@ retrieval results (.json).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def run_calibrate(args) -> int:
     from spotlight_attn.budgets import profile_from_retrieval, save_profile, selector_key
     from spotlight_attn.cli.main import parse_layers, torch_dtype
     from spotlight_attn.config import SpotlightConfig
-    from spotlight_attn.data import load_chunks
+    from spotlight_attn.cli.eval_cmd import load_reporting
     from spotlight_attn.errors import SpotlightError
     from spotlight_attn.eval import common
     from spotlight_attn.eval.retrieval import evaluate_retrieval
@@ -81,11 +80,7 @@ def run_calibrate(args) -> int:
     sources = [s.strip() for s in args.data.split(",") if s.strip()]
     parts = []
     for source in sources:
-        chunks = load_chunks(source, tokenizer, args.context + args.steps, args.chunks, split=args.split, seed=args.seed)
-        if len(chunks) < args.chunks:
-            print(f"spotlight: {source} ({args.split} split) holds {len(chunks)} chunks of {args.context + args.steps} tokens, "
-                  f"fewer than --chunks {args.chunks}", file=sys.stderr)
-        parts.append(chunks)
+        parts.append(load_reporting(source, tokenizer, args.context + args.steps, args.chunks, args.split, "chunks", args.seed))
     chunks = torch.cat(parts) if parts else torch.empty(0)
     if not len(chunks):
         raise SpotlightError(f"no calibration chunks of {args.context + args.steps} tokens in {args.data!r}")

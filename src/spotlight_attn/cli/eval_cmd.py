@@ -120,15 +120,15 @@ def _limit(n: int, args) -> int:
     return n if args.limit is None else max(1, min(n, args.limit))
 
 
-def _chunks(args, tokenizer, length: int, wanted: int, split, what: str) -> list:
+def load_reporting(spec, tokenizer, length: int, wanted: int, split, what: str, seed: int):
     """load_chunks, saying on stderr when the corpus holds fewer chunks of `length` tokens than asked for."""
     import sys
 
     from spotlight_attn.data import load_chunks
 
-    chunks = load_chunks(args.data, tokenizer, length, wanted, split=split, seed=args.seed)
+    chunks = load_chunks(spec, tokenizer, length, wanted, split=split, seed=seed)
     if len(chunks) < wanted:
-        print(f"spotlight: {args.data} ({split or 'all'} split) holds {len(chunks)} chunks of {length} tokens, fewer "
+        print(f"spotlight: {spec} ({split or 'all'} split) holds {len(chunks)} chunks of {length} tokens, fewer "
               f"than the {wanted} {what} asked for: running {len(chunks)}", file=sys.stderr)
     return chunks
 
@@ -170,14 +170,15 @@ def run_eval(args) -> int:
         from spotlight_attn.eval.retrieval import evaluate_retrieval
 
         contexts = _ints(args.contexts)
-        chunks = {c: _chunks(args, tokenizer, fits(c + args.steps, "context + steps"), _limit(args.chunks, args), split, "chunks")
+        chunks = {c: load_reporting(args.data, tokenizer, fits(c + args.steps, "context + steps"), _limit(args.chunks, args),
+                                    split, "chunks", args.seed)
                   for c in contexts}
         results = evaluate_retrieval(model, methods, specs, budgets, chunks, args.steps, data=args.data, seed=args.seed)
     elif args.kind == "ppl":
         from spotlight_attn.eval.ppl import evaluate_ppl
 
         length = fits(_ints(args.length)[0], "--length")
-        chunks = _chunks(args, tokenizer, length, _limit(args.chunks, args), split, "chunks")
+        chunks = load_reporting(args.data, tokenizer, length, _limit(args.chunks, args), split, "chunks", args.seed)
         results = evaluate_ppl(model, methods, specs, budgets, chunks, args.prefix, args.mode, data=args.data, seed=args.seed)
     elif args.kind == "needle":
         from spotlight_attn.eval.needle import evaluate_needle
@@ -193,7 +194,7 @@ def run_eval(args) -> int:
         from spotlight_attn.eval.fidelity import evaluate_fidelity
 
         length = fits(_ints(args.length)[0], "--length")
-        chunks = _chunks(args, tokenizer, length, _limit(args.prompts, args), split, "prompts")
+        chunks = load_reporting(args.data, tokenizer, length, _limit(args.prompts, args), split, "prompts", args.seed)
         passages = [tokenizer.decode(chunk, skip_special_tokens=True) for chunk in chunks]
         results = evaluate_fidelity(model, tokenizer, methods, specs, budgets, passages, args.max_new_tokens, data=args.data, seed=args.seed)
         results["meta"]["settings"]["passage_tokens"] = length

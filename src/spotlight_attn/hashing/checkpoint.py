@@ -99,28 +99,35 @@ def stamp_identity(path: str | os.PathLike, model) -> Path:
     return path
 
 
-def read_header(path: str | os.PathLike) -> dict:
-    """The parsed header of a hasher file. Raises CheckpointError when it is not one."""
-    path = Path(path)
+def read_metadata(path: Path, kind: str, fmt: str, version: str, fields: tuple[str, ...]) -> tuple[dict, dict]:
+    """(raw metadata, {field: parsed JSON}) of a safetensors file of this library's format `fmt`.
+    Raises CheckpointError, naming the `kind` of file, when it is missing, unreadable, of another
+    format or version, or lacks one of `fields`."""
     if not path.is_file():
-        raise CheckpointError(f"hasher file not found: {path}")
+        raise CheckpointError(f"{kind} file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a spotlight-attn hasher (header format={metadata.get('format')!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has hasher format_version {metadata.get('format_version')!r}; this library reads {FORMAT_VERSION}"
-        )
-    header = {"kind": metadata.get("kind")}
-    for key in ("model", "hasher", "layers", "training"):
+    if metadata.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a spotlight-attn {kind} (header format={metadata.get('format')!r})")
+    if metadata.get("format_version") != version:
+        raise CheckpointError(f"{path} has {kind} format_version {metadata.get('format_version')!r}; this library reads {version}")
+    parsed = {}
+    for key in fields:
         try:
-            header[key] = json.loads(metadata[key])
+            parsed[key] = json.loads(metadata[key])
         except (KeyError, json.JSONDecodeError):
             raise CheckpointError(f"{path} has a missing or corrupt '{key}' header field") from None
+    return metadata, parsed
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The parsed header of a hasher file. Raises CheckpointError when it is not one."""
+    path = Path(path)
+    metadata, parsed = read_metadata(path, "hasher", FORMAT, FORMAT_VERSION, ("model", "hasher", "layers", "training"))
+    header = {"kind": metadata.get("kind"), **parsed}
     try:
         header["identity"] = json.loads(metadata.get("identity", "null"))
     except json.JSONDecodeError:
