@@ -509,6 +509,33 @@ def test_real_query_scores_against_brute_force():
     assert sorted(picked[0, 0].tolist()) == list(range(13))
 
 
+@pytest.mark.parametrize("levels", [1, 3])
+@pytest.mark.parametrize("group", [1, 3])
+def test_quantised_query_scores_against_brute_force(levels, group):
+    from types import SimpleNamespace
+
+    from spotlight_attn.config import Method
+    from spotlight_attn.metrics import RealQuerySelector
+    geometry = ModelGeometry("llama", num_layers=2, num_q_heads=2 * group, num_kv_heads=2, head_dim=16, rope_theta=1e4, max_positions=64)
+    hasher = LinearHasher(geometry, bits=40, layers=[1])
+    keys, query = torch.randn(2, 2, 11, 16), torch.randn(2, 2 * group, 1, 16)  # batch 2, odd length
+    layer = SimpleNamespace(keys=keys, codes=hasher.key_codes(1, keys), key_valid=torch.ones(2, 11, dtype=torch.bool), layer_idx=1)
+    scores = RealQuerySelector(hasher, Method.LINEAR, levels=levels).scores(query, layer, 16**-0.5)  # [B, Hkv, T]
+    y = hasher.hash_queries(1, query)[:, :, 0]  # [B, Hq, bits]
+    k = torch.sign(hasher.hash_keys(1, keys))  # [B, Hkv, T, bits]
+    top = 2**levels - 1
+    for b in range(2):
+        for h in range(2):
+            summed = y[b, h * group : (h + 1) * group].sum(0)  # [bits]
+            weights = [round(abs(v) / float(summed.abs().max()) * top) * (1 if v > 0 else -1) for v in summed.tolist()]
+            assert max(abs(w) for w in weights) == top
+            for t in range(11):
+                expected = sum(w * float(c) for w, c in zip(weights, k[b, h, t]))
+                assert scores[b, h, t].item() == expected  # integer weights: exact
+    with pytest.raises(ValueError, match="levels must be"):
+        RealQuerySelector(hasher, Method.LINEAR, levels=0)
+
+
 def test_train_hasher_refuses_a_config_and_loose_fields_together(tmp_path):
     from spotlight_attn.config import TrainConfig
 

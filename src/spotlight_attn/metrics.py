@@ -45,11 +45,32 @@ class LogitSelector(OracleSelector):
 class RealQuerySelector(HashSelector):
     """Asymmetric scoring (an experiment, not a decode path): the query's pre-sign hash, real-valued and
     summed over the GQA group, dotted with the keys' +-1 codes. Key codes are unchanged; only the
-    query side keeps its magnitudes, so fewer keys tie at the budget's boundary."""
+    query side keeps its magnitudes, so fewer keys tie at the budget's boundary.
+
+    levels: None keeps the weights real. An integer P >= 1 rounds each bit's |weight| to 0 .. 2**P - 1
+    of its (row, KV head)'s largest, keeping the sign: what an integer kernel would score (P bit
+    planes of the query, a popcount each, shifted and summed), exact in float32 at these sizes."""
+
+    def __init__(self, hasher, method, force_reference: bool = False, levels: int | None = None):
+        super().__init__(hasher, method, force_reference)
+        if levels is not None and not 1 <= levels <= 8:
+            raise ValueError(f"levels must be None (real weights) or 1 .. 8 bit planes, got {levels}")
+        self.levels = levels
+
+    def query_weights(self, layer_idx: int, query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """query [B, Hq, S, D] -> the group-summed query weights [B, Hkv, 1, S, bits] (real or quantised)."""
+        b, hq, s, _ = query.shape
+        y = self.hasher.hash_queries(layer_idx, query).float()  # [B, Hq, S, bits]
+        y = y.reshape(b, num_kv_heads, hq // num_kv_heads, s, -1).sum(2, keepdim=True)  # [B, Hkv, 1, S, bits]
+        if self.levels is None:
+            return y
+        top = y.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        return torch.sign(y) * torch.round(y.abs() / top * (2**self.levels - 1))
 
     def scores_rows(self, query, layer, scaling, row_valid):
         with torch.no_grad():
-            return self.group_dot(self.hasher.hash_queries(layer.layer_idx, query).float(), layer)  # [B, Hkv, S, T]
+            weights = self.query_weights(layer.layer_idx, query, layer.codes.shape[1])
+            return self.group_dot(weights.flatten(1, 2), layer)  # [B, Hkv, S, T]: a group of one
 
     def select(self, query, layer, budget, scaling):
         return select_topk(self.scores(query, layer, scaling), layer.key_valid, budget)
