@@ -67,8 +67,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     cells = sorted({(r["domain"], r["budget"]) for r in rows}, key=lambda c: (c[0], -c[1]))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.5 * len(cells)), 4.2))
     labels = list(dict.fromkeys(r["label"] for r in rows))
     width = 0.8 / len(labels)
     for ax, metric in zip(axes, ("mass", "iou")):
@@ -80,7 +80,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
             err = [[g["diff"] - g["diff_lo"] for g in got], [g["diff_hi"] - g["diff"] for g in got]]
             ax.bar(x, [g["diff"] for g in got], width, yerr=err, capsize=3, label=label)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(cells)), [f"{d} {b:.0%}" for d, b in cells], rotation=15)
+        ax.set_xticks(range(len(cells)), [f"{d} {b:.0%}" for d, b in cells], rotation=30, ha="right", fontsize=8)
         baselines = " / ".join(dict.fromkeys(r["base"] for r in rows))
         ax.set_title(f"{'attention-mass recall' if metric == 'mass' else 'IoU'} minus {baselines}'s (95% interval)", fontsize=10)
     axes[0].legend()
