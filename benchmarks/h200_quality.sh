@@ -12,6 +12,8 @@
 #            needle (NEEDLE_KINDS at NEEDLE_LENGTHS, 40 tasks a cell), fidelity over 32 prompts; one process per
 #            (methods, budgets) group side by side, merged per evaluation by `spotlight report --merge`
 #   dense1   perplexity as in eval with layer 0 alone dense (the shipped hasher holds layers 1-29)
+#   mass     attention mass of CANDIDATES and VARIANTS beside SimHash-1024 on kjv and perl-docs (8 chunks, 16 steps after
+#            4096; the 4112-token packs), one process each, side by side; pair them with benchmarks/paired_retrieval.py
 #   calibrate  `spotlight calibrate` for each of CALIBRATE (default linear1024) on $P/calib-4112.safetensors (8 train
 #            chunks of manpages, as the shipped hasher's profile: `spotlight data pack --model smollm2-135m --data manpages
 #            --split train --chunk-len 4112 --chunks 8`), into $OUT/head_budgets and /root/heads (the heads phase reads it there)
@@ -62,6 +64,8 @@ flags() {  # training flags of a variant
   long) echo "--listwise 1 --steps 960 --chunks 480" ;;  # twice the steps, over all 960 chunks of the pack
   list64) echo "--listwise 1 --bits 64" ;;
   scale8) echo "--listwise 1 --list-scale 8" ;;
+  wide) echo "--listwise 1 --steps 960 --chunks 480 --width 128" ;;  # long with hidden width 128 instead of 64
+  deep) echo "--listwise 1 --steps 960 --chunks 480 --depth 4" ;;  # long with 4 residual blocks instead of 2
   *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -169,6 +173,20 @@ EOF
       done; wait
       tables "$Q" 20
     } 2>&1 | quiet | tee "$OUT/dense1.log" ;;
+  mass)
+    Q="$OUT/mass"; mkdir -p "$Q"; start=$(date +%s)
+    { for d in kjv perl-docs; do
+        common="--model $M --device $DEVICE --data $P/$d-4112.safetensors --contexts 4096 --steps 16 --chunks 8 --budgets 0.1,0.02"
+        sp eval retrieval $common --methods linear1024 --out "$Q/${d}_linear1024.json" > "$Q/${d}_linear1024.log" 2>&1 &
+        for v in $CANDIDATES $VARIANTS; do
+          name=${v%%=*} file=$H/$v.fp16.safetensors; [ "$v" != "$name" ] && file=${v#*=}
+          sp eval retrieval $common --methods spotlight=$file --out "$Q/${d}_$name.json" > "$Q/${d}_$name.log" 2>&1 &
+        done
+      done; wait
+      for f in "$Q"/*.json; do python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/', 1)[1], '  '.join(f\"{x['budget']:g}: IoU {x['iou']:.3f} mass {x['mass']:.4f}\" for x in r['rows']))" "$f"; done
+      echo "mass took $(( $(date +%s) - start )) s"
+      grep -l "Error\|error" "$Q"/*.log
+    } 2>&1 | quiet | tee "$OUT/mass.log" ;;
   calibrate)
     mkdir -p "$OUT/head_budgets" /root/heads; start=$(date +%s)
     { for m in ${CALIBRATE:-linear1024}; do
