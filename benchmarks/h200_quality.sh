@@ -14,6 +14,7 @@
 #   dense1   perplexity as in eval with layer 0 alone dense (the shipped hasher holds layers 1-29)
 #   mass     attention mass of CANDIDATES and VARIANTS beside SimHash-1024 on kjv and perl-docs (8 chunks, 16 steps after
 #            4096; the 4112-token packs), one process each, side by side; pair them with benchmarks/paired_retrieval.py
+#            (the mass phase and the wide and deep variants are not yet run on a GPU)
 #   calibrate  `spotlight calibrate` for each of CALIBRATE (default linear1024) on $P/calib-4112.safetensors (8 train
 #            chunks of manpages, as the shipped hasher's profile: `spotlight data pack --model smollm2-135m --data manpages
 #            --split train --chunk-len 4112 --chunks 8`), into $OUT/head_budgets and /root/heads (the heads phase reads it there)
