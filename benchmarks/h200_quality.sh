@@ -55,6 +55,9 @@ tables() {  # tables DIR LINES: the tables (and errors) of each log in DIR
   for f in "$1"/*.log; do echo "== $f"; grep "^|\|^merged\|Error\|error" "$f" | head -n "$2"; done
 }
 quiet() { grep -v "Warning\|warnings.warn\|it/s\]$\|chunk/s\]$\|task/s\]$\|prompt/s\]$"; }
+hasher_file() {  # a CANDIDATES name=file pair -> its file; a variant's name -> the float16 file train wrote
+  case $1 in *=*) echo "${1#*=}" ;; *) echo "$H/$1.fp16.safetensors" ;; esac
+}
 flags() {  # training flags of a variant
   case $1 in
   pairs) echo "" ;;
@@ -119,7 +122,7 @@ EOF
   select)
     { mkdir -p "$OUT/select"; names=""
       for v in $CANDIDATES $VARIANTS; do
-        name=${v%%=*} file=$H/$v.fp16.safetensors; [ "$v" != "$name" ] && file=${v#*=}; names="$names $name"
+        name=${v%%=*} file=$(hasher_file "$v"); names="$names $name"
         sp eval retrieval --model $M --device cuda --data $P/valid-4112.safetensors --split heldout --contexts 4096 --steps 16 \
             --chunks 9 --methods spotlight=$file --budgets 0.1,0.02 --out "$OUT/select/$name.json" > "$OUT/select/$name.log" 2>&1 &
         echo "$name $file" >> "$OUT/select/files.txt"
@@ -180,7 +183,7 @@ EOF
         common="--model $M --device $DEVICE --data $P/$d-4112.safetensors --contexts 4096 --steps 16 --chunks 8 --budgets 0.1,0.02"
         sp eval retrieval $common --methods linear1024 --out "$Q/${d}_linear1024.json" > "$Q/${d}_linear1024.log" 2>&1 &
         for v in $CANDIDATES $VARIANTS; do
-          name=${v%%=*} file=$H/$v.fp16.safetensors; [ "$v" != "$name" ] && file=${v#*=}
+          name=${v%%=*} file=$(hasher_file "$v")
           sp eval retrieval $common --methods spotlight=$file --out "$Q/${d}_$name.json" > "$Q/${d}_$name.log" 2>&1 &
         done
       done; wait

@@ -18,7 +18,7 @@ import pathlib
 
 import torch
 
-from spotlight_attn.eval.stats import interval, resamples
+from paired_retrieval import paired, paired_ppl  # this folder's script: the same pairing and intervals
 
 
 def _rows(results: dict, method: str) -> dict:
@@ -28,18 +28,11 @@ def _rows(results: dict, method: str) -> dict:
 def ppl_pairs(results: dict, method: str) -> list[dict]:
     dense = next(r for r in results["rows"] if r["method"] == "dense")
     even, heads = _rows(results, method), _rows(results, method + "+heads")
-    d_nll, d_tok = torch.tensor(dense["chunk_nll"], dtype=torch.float64), torch.tensor(dense["chunk_tokens"], dtype=torch.float64)
-    idx = resamples(len(d_nll))
-    ppl = lambda nll, ix: torch.exp(nll[ix].sum(-1) / d_tok[ix].sum(-1))  # noqa: E731
     out = []
     for budget in sorted(set(even) & set(heads), reverse=True):
-        e, h = (torch.tensor(x[budget]["chunk_nll"], dtype=torch.float64) for x in (even, heads))
-        base = torch.exp(d_nll.sum() / d_tok.sum())
-        point = lambda nll: float(torch.exp(nll.sum() / d_tok.sum()) / base - 1)  # noqa: E731
-        draws = (ppl(h, idx) - ppl(e, idx)) / ppl(d_nll, idx)
-        lo, hi = interval(draws)
-        out.append({"budget": budget, "dense_ppl": float(base), "even": point(e), "heads": point(h),
-                    "diff": point(h) - point(e), "diff_lo": lo, "diff_hi": hi,
+        p = paired_ppl(dense, even[budget], heads[budget])
+        out.append({"budget": budget, "dense_ppl": dense["ppl"], "even": p["base"], "heads": p["value"],
+                    "diff": p["value"] - p["base"], "diff_lo": p["diff_lo"], "diff_hi": p["diff_hi"],  # as committed, to the bit
                     "even_read": even[budget]["read_fraction"], "heads_read": heads[budget]["read_fraction"]})
     return out
 
@@ -48,11 +41,9 @@ def mass_pairs(results: dict, method: str) -> list[dict]:
     even, heads = _rows(results, method), _rows(results, method + "+heads")
     out = []
     for budget in sorted(set(even) & set(heads), reverse=True):
-        e, h = (torch.tensor(x[budget]["chunk_mass"], dtype=torch.float64) for x in (even, heads))
-        idx = resamples(len(e))
-        lo, hi = interval((h - e)[idx].mean(-1))
-        out.append({"budget": budget, "even": float(e.mean()), "heads": float(h.mean()), "diff": float((h - e).mean()),
-                    "diff_lo": lo, "diff_hi": hi, "chunks": len(e)})
+        m = paired(even[budget], heads[budget], "mass")
+        out.append({"budget": budget, "even": m["base"], "heads": m["value"], "diff": m["diff"],
+                    "diff_lo": m["diff_lo"], "diff_hi": m["diff_hi"], "chunks": len(even[budget]["chunk_mass"])})
     return out
 
 

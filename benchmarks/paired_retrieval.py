@@ -110,11 +110,11 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     labels = list(dict.fromkeys(r["label"] for r in rows))
     width = 0.8 / len(labels)
     for ax, metric in zip(axes, metrics):
+        scale = 100 if metric == "ppl_vs_dense" else 1  # perplexity in points of dense's
         for j, label in enumerate(labels):
             found = {(r["domain"], r["budget"]): r[metric] for r in rows if r["label"] == label and metric in r}
             x = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(cells))]
             nan = {"diff": float("nan"), "diff_lo": float("nan"), "diff_hi": float("nan")}
-            scale = 100 if metric == "ppl_vs_dense" else 1  # perplexity in points of dense's
             got = [{k: scale * v for k, v in found.get(c, nan).items()} for c in cells]
             err = [[g["diff"] - g["diff_lo"] for g in got], [g["diff_hi"] - g["diff"] for g in got]]
             ax.bar(x, [g["diff"] for g in got], width, yerr=err, capsize=3, label=label)
