@@ -28,7 +28,7 @@ from _tee import open_tee
 from spotlight_attn.bench import GEOMETRIES, _median_graph_us, copy_bandwidth
 from spotlight_attn.config import Budget
 from spotlight_attn.kernels.hash import _hash_codes_triton, hash_codes_reference
-from spotlight_attn.kernels.score_select import _score_select_triton, plan_from_lengths, plan_select
+from spotlight_attn.kernels.score_select import _score_select_triton, new_guess, plan_from_lengths, plan_select
 from spotlight_attn.kernels.sparse_decode import _sparse_decode_triton
 
 T = 524288
@@ -40,6 +40,13 @@ SELECT_VARIANTS = [  # keyword arguments of _score_select_triton (earlier varian
     dict(emit_tokens=2048),
     dict(block_tokens=512),
     dict(score_warps=8),
+    # A threshold prediction (guess): "steady" keeps one buffer across the timed calls, so after the
+    # first call each row's prediction is exact (the same query every call): pass 2 never runs;
+    # "far" sets it far off before every call (a fill launch included): the recount every call.
+    dict(guess="steady"),
+    dict(guess="far"),
+    dict(guess="steady", fuse="none"),
+    dict(guess="steady", block_tokens=512),
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),
@@ -209,7 +216,14 @@ def main(argv=None) -> int:
     for variant in SELECT_VARIANTS if wanted("select") else []:
         cells = []
         for i, (label, q, codes, plan, floor, bits) in enumerate(select_cases):
-            call = lambda: _score_select_triton(q, codes, plan, bits, **variant)  # noqa: E731
+            kw = dict(variant)
+            guessing = kw.pop("guess", None)
+            if guessing:
+                kw["guess"] = new_guess(q.shape[0], codes.shape[1], device)
+            if guessing == "far":
+                call = lambda: (kw["guess"].fill_(90.0), _score_select_triton(q, codes, plan, bits, **kw))[1]  # noqa: E731
+            else:
+                call = lambda: _score_select_triton(q, codes, plan, bits, **kw)  # noqa: E731
             same = torch.equal(call(), _score_select_triton(q, codes, plan, bits))  # every variant selects the same keys
             us, again = _median_graph_us([call]), _median_graph_us([call])  # twice: the spread is the noise
             cells.append(f"{label}: {us:6.1f}/{again:6.1f} us {min(us, again) / floor:4.2f}x{'' if same else ' DIFFERS'}")

@@ -175,9 +175,9 @@ def test_score_select_with_per_head_bounds_equals_the_reference(b, hq, hkv, t):
     want = score_select_reference(q, codes, valid, budget, 64)
     plan = plan_select(valid, budget, hkv)
     assert plan.bounds.shape == (b, hkv, 3) and plan.k == want.shape[-1]
-    got = ops.score_select_op(q, codes, plan.bounds, plan.k, 64, budget.sink, budget.window, 0)
+    got = ops.score_select_op(q, codes, plan.bounds, plan.k, 64, budget.sink, budget.window, torch.empty(0), 0)
     assert torch.equal(got, want)
-    torch.library.opcheck(ops.score_select_op, (q, codes, plan.bounds, plan.k, 64, budget.sink, budget.window, 0))
+    torch.library.opcheck(ops.score_select_op, (q, codes, plan.bounds, plan.k, 64, budget.sink, budget.window, torch.empty(0), 0))
     # (the Triton kernels with per-head bounds: tests/test_kernels.py)
     with pytest.raises(ValueError, match="fractions for"):
         plan_select(valid, budget, hkv + 1)

@@ -27,8 +27,11 @@ pytest.importorskip("triton")
 from spotlight_attn.config import Budget  # noqa: E402
 from spotlight_attn.kernels import _triton  # noqa: E402
 from spotlight_attn.kernels.pack import pack_signs, pack_signs_reference  # noqa: E402
+from spotlight_attn.kernels.pack import unpack_bits  # noqa: E402
 from spotlight_attn.kernels.score_select import (  # noqa: E402
+    GUESS_START,
     _score_select_triton,
+    new_guess,
     plan_select,
     score_select,
     score_select_reference,
@@ -237,13 +240,110 @@ def test_score_select_fused_passes_equal_separate_passes(launch, monkeypatch):
     for budget in (Budget(0.02, 20, 4, 16), Budget(0.3, 0, 0, 0), Budget(1.0, 0, 0, 0)):
         expected = score_select_reference(q, k, valid, budget, bits)
         plan = plan_select(valid.to(DEVICE), budget)
-        for fuse, replaced in (("all", ("_score_kernel", "_refine_kernel", "_emit_kernel")),
-                               ("tail", ("_refine_kernel", "_emit_kernel")), ("none", ())):
-            with monkeypatch.context() as patch:
-                for name in replaced:
-                    patch.setattr(select_module, name, Unlaunched())
-                got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, fuse=fuse, **launch)
-            assert torch.equal(got.cpu(), expected), fuse
+        th, m, s = shifted_thresholds(q, k, valid, budget, bits)
+        for offset in (None, "start", 0, 9, -60):  # no guess; the start value; exact bin, a band, the recount
+            for fuse, replaced in (("all", ("_score_kernel", "_recount_kernel", "_refine_kernel", "_emit_kernel")),
+                                   ("tail", ("_recount_kernel", "_refine_kernel", "_emit_kernel")), ("none", ())):
+                guess = None if offset is None else new_guess(b, hkv, DEVICE)
+                if isinstance(offset, int):
+                    guess = torch.where(th.isnan(), GUESS_START, (th + offset - m) / s).to(DEVICE)
+                with monkeypatch.context() as patch:
+                    for name in replaced:
+                        patch.setattr(select_module, name, Unlaunched())
+                    got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, fuse=fuse, guess=guess, **launch)
+                assert torch.equal(got.cpu(), expected), (fuse, offset)
+
+
+def shifted_thresholds(q, k, valid, budget, bits):
+    """The kernel's view of each row, in torch: threshold x (the k-th best shifted score of the keys
+    picked by score; NaN where none is), and the spread terms m, s of the prediction -> [B, Hkv] each."""
+    b, hkv, t = k.shape[:3]
+    qb = unpack_bits(q[:, :, 0], bits).reshape(b, hkv, -1, bits)
+    group = qb.shape[2]
+    d = 2 * qb.sum(2) - group
+    w = (d.abs() >> (1 if group % 2 == 0 else 0)).float()
+    x = ((unpack_bits(k, bits) == (d > 0)[:, :, None]).float() * w[:, :, None]).sum(-1)  # [B, Hkv, T]
+    pos = torch.arange(t)
+    th = torch.full((b, hkv), float("nan"))
+    for row in range(b):
+        n = int(valid[row].sum())
+        lo = int(valid[row].int().argmax()) if n else 0
+        forced = (pos >= lo) & (pos < lo + n) & ((pos < lo + budget.sink) | (pos >= lo + n - budget.window))
+        candidate = valid[row] & ~forced
+        for h in range(hkv):
+            need = budget.tokens_for(n, h if budget.heads else None) - int(forced.sum())
+            if need > 0:
+                th[row, h] = x[row, h][candidate].topk(need).values[-1]
+    return th, w.sum(-1) / 2, w.pow(2).sum(-1).sqrt() / 2
+
+
+# (batch, kv heads, group, bits, length, padding, key patterns): odd lengths, GQA groups 1 to 8, ties
+GUESS_SHAPES = [
+    (2, 2, 4, 128, 1025, "left", None),
+    (1, 3, 3, 100, 700, "none", None),
+    (3, 1, 1, 64, 513, "right", None),
+    (1, 2, 8, 128, 900, "none", 12),  # heavy ties inside the threshold's bin
+]
+
+
+@pytest.mark.parametrize("budget", [Budget(0.05, 0, 2, 4), Budget(0.3, 0, 1, 2)], ids=str)
+@pytest.mark.parametrize("shape", GUESS_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_score_select_guess_gives_the_same_picks_whatever_it_predicts(shape, budget):
+    """Predictions that land the threshold in an exact bin (pass 1 settles it), in each band (pass 2
+    counts inside it) and past the bands (the recount), and the start value: the reference's picks every
+    time, and each row's residual updated to (threshold - m) / s."""
+    b, hkv, group, bits, t, padding, patterns = shape
+    g = torch.Generator().manual_seed(t)
+    q = random_codes((b, hkv * group, 1), bits, g)
+    k = random_codes((b, hkv, t), bits, g, patterns)
+    valid = key_valid_for(b, t, padding)
+    expected = score_select_reference(q, k, valid, budget, bits)
+    th, m, s = shifted_thresholds(q, k, valid, budget, bits)
+    picked = ~th.isnan()
+    assert picked.any()
+    plan = plan_select(valid.to(DEVICE), budget, hkv)
+    for offset in (0, 1, -4, 6, -11, 25, -40, 90, -90, None):
+        if offset is None:
+            guess = new_guess(b, hkv, DEVICE)
+        else:
+            guess = torch.where(picked, (th + offset - m) / s, GUESS_START).to(DEVICE)
+        launch = dict(block_tokens=64, max_chunks=4) if not CUDA else {}
+        got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=guess, **launch)
+        assert torch.equal(got.cpu(), expected), offset
+        kept = torch.where(picked, (th - m) / s, guess.cpu() if offset is None else GUESS_START)
+        assert torch.allclose(guess.cpu(), kept, atol=1e-5, rtol=1e-5), offset
+
+
+@pytest.mark.parametrize("budget", [Budget(0.0, 0, 0, 0), Budget(1, 0, 0, 0), Budget(1.0, 0, 0, 0), Budget(0.0, 0, 2, 3)],
+                         ids=str)
+def test_score_select_guess_at_the_budget_edges(budget):
+    g = torch.Generator().manual_seed(5)
+    b, hkv, group, bits, t = 2, 2, 3, 64, 97
+    q = random_codes((b, hkv * group, 1), bits, g)
+    k = random_codes((b, hkv, t), bits, g)
+    valid = key_valid_for(b, t, "left")
+    guess = new_guess(b, hkv, DEVICE)
+    for _ in range(2):  # the second step starts from what the first left
+        got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan_select(valid.to(DEVICE), budget, hkv), bits,
+                                   guess=guess, block_tokens=32, max_chunks=3)
+        assert torch.equal(got.cpu(), score_select_reference(q, k, valid, budget, bits))
+
+
+def test_score_select_guess_per_head_budgets_and_bad_buffers():
+    g = torch.Generator().manual_seed(6)
+    b, hkv, group, bits, t = 2, 3, 2, 64, 301
+    q = random_codes((b, hkv * group, 1), bits, g)
+    k = random_codes((b, hkv, t), bits, g)
+    valid = key_valid_for(b, t, "right")
+    budget = Budget(0.1, 0, 1, 4, heads=(0.02, 0.3, 0.1))
+    guess = new_guess(b, hkv, DEVICE)
+    plan = plan_select(valid.to(DEVICE), budget, hkv)
+    for _ in range(2):
+        got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=guess, block_tokens=64, max_chunks=4)
+        assert torch.equal(got.cpu(), score_select_reference(q, k, valid, budget, bits))
+    for bad in (torch.zeros(b, hkv + 1), torch.zeros(b, hkv, dtype=torch.float64), torch.zeros(hkv, b).t()):
+        with pytest.raises(ValueError, match="guess must be"):
+            _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=bad.to(DEVICE))
 
 
 def test_score_select_falls_back_when_valid_keys_have_holes():

@@ -24,7 +24,7 @@ from spotlight_attn import compat  # noqa: E402
 from spotlight_attn.config import Budget, HasherConfig, SpotlightConfig  # noqa: E402
 from spotlight_attn.errors import SpotlightError  # noqa: E402
 from spotlight_attn.kernels import ops  # noqa: E402
-from spotlight_attn.kernels.score_select import device_tokens_for, score_select_reference  # noqa: E402
+from spotlight_attn.kernels.score_select import device_tokens_for, new_guess, score_select_reference  # noqa: E402
 from spotlight_attn.models import ModelGeometry  # noqa: E402
 from spotlight_attn.static_cache import SpotlightStaticCache  # noqa: E402
 
@@ -272,16 +272,22 @@ def test_score_select_op_equals_the_reference_row_by_row(b, hq, hkv, t, bits):
         k = budget.tokens_for(t)
         k_rows = device_tokens_for(lengths, budget)
         bounds = torch.stack([torch.zeros_like(k_rows), lengths, k_rows], 1).to(torch.int32)
-        got = ops.score_select_op(q, codes, bounds, k, bits, budget.sink, budget.window, 0)
+        none = torch.empty(0)  # no threshold prediction
+        got = ops.score_select_op(q, codes, bounds, k, bits, budget.sink, budget.window, none, 0)
         valid = torch.arange(t)[None, :] < lengths[:, None]
         want = score_select_reference(q, codes, valid, budget, bits)
         assert got.shape == (b, hkv, k)
         assert torch.equal(got[..., : want.shape[-1]], want) and (got[..., want.shape[-1] :] == -1).all()
         if k:
-            torch.library.opcheck(ops.score_select_op, (q, codes, bounds, k, bits, budget.sink, budget.window, 0))
+            torch.library.opcheck(ops.score_select_op, (q, codes, bounds, k, bits, budget.sink, budget.window, none, 0))
         pytest.importorskip("triton")
-        if not torch.cuda.is_available():  # the Triton kernels, in the interpreter
-            assert torch.equal(ops.score_select_op(q, codes, bounds, k, bits, budget.sink, budget.window, 1), got)
+        if not torch.cuda.is_available():  # the Triton kernels, in the interpreter, without and with a prediction
+            assert torch.equal(ops.score_select_op(q, codes, bounds, k, bits, budget.sink, budget.window, none, 1), got)
+            guess = new_guess(b, hkv, "cpu")
+            for _ in range(2):  # the second call starts from what the first left
+                assert torch.equal(ops.score_select_op(q, codes, bounds, k, bits, budget.sink, budget.window, guess, 1), got)
+            if budget.amount == 0.2:
+                assert not torch.equal(guess, new_guess(b, hkv, "cpu"))  # updated in place
 
 
 def test_sparse_and_dense_decode_ops_equal_their_references():

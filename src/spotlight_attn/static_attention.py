@@ -47,7 +47,7 @@ def static_attention(installed, cache, layer, query: torch.Tensor, scaling: floa
     plan = cache.layers[0]
     bounds = plan.bounds if plan.head_bounds is None else plan.head_bounds[layer.layer_idx]  # [B, 3] or [B, Hkv, 3]
     indices = ops.score_select_op(
-        query_codes, layer.codes, bounds, cache.k, hasher.bits, budget.sink, budget.window, use_kernel
+        query_codes, layer.codes, bounds, cache.k, hasher.bits, budget.sink, budget.window, layer.select_guess, use_kernel
     )  # [B, Hkv, k]; query codes [B, Hq, 1, W] or, from step_codes, [B, Hkv, G, W], read in place
     keys, values = layer.k_by_token.transpose(1, 2), layer.v_by_token.transpose(1, 2)  # [B, Hkv, T, D] (see update)
     out = ops.sparse_decode_op(query, keys, values, indices, scaling, use_kernel)  # [B, Hq, 1, D]

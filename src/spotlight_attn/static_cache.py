@@ -12,6 +12,8 @@ Per layer:
   layout transformers' attention functions take.
 - codes [B, Hkv, T_max, W] int32 on hash layers: each key is hashed once, as it enters: by update()
   in a prefill, by the attention step in a decode step (with the query, in one pass: defers_codes).
+- select_guess [B, Hkv] float32 on hash layers: score_select's prediction of each row's threshold,
+  carried from step to step (kernels/score_select.py); a hint that saves work, never changes a pick.
 - lengths [B] int64: keys held per row. Row b's tokens sit at [0, lengths[b]) whatever its padding:
   a prefill writes only real tokens, packed. generate() numbers positions by the padding mask's
   cumsum, so a token's RoPE position is its packed index.
@@ -36,6 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from spotlight_attn.config import Budget
 from spotlight_attn.errors import SpotlightError
+from spotlight_attn.kernels.score_select import GUESS_IN_CACHE, new_guess
 
 ALIGN = 64  # T_max is rounded up to this, so every head's rows of codes start 16-byte aligned
 
@@ -68,6 +71,7 @@ class SpotlightStaticLayer(CacheLayerMixin):
         self.key_hasher = key_hasher  # keys [B, Hkv, n, D] -> codes [B, Hkv, n, W], or None (dense layer)
         self.words = words
         self.codes: torch.Tensor | None = None
+        self.select_guess: torch.Tensor | None = None  # [B, Hkv] score_select's per-row threshold residuals
         self.plan_fractions: torch.Tensor | None = None  # layer 0 with head budgets: [L, Hkv] float64 (CPU)
         self.head_bounds: torch.Tensor | None = None
 
@@ -85,11 +89,12 @@ class SpotlightStaticLayer(CacheLayerMixin):
         self.keys, self.values = self.k_by_token.transpose(1, 2), self.v_by_token.transpose(1, 2)  # [B, Hkv, T, D]
         if self.key_hasher is not None:
             self.codes = torch.zeros(b, hkv, t, self.words, dtype=torch.int32, device=device)
+            self.select_guess = new_guess(b if GUESS_IN_CACHE else 0, hkv, device)  # empty: no prediction
         self.counts = torch.zeros(b + 1, dtype=torch.int64, device=device)  # lengths, then seen
         self.bounds = torch.zeros(b, 3, dtype=torch.int32, device=device)
         self.rows = torch.arange(b, device=device)
         self.cu_k = torch.arange(b + 1, dtype=torch.int32, device=device) * t  # row starts in [B * T, Hkv, D]
-        extra = [self.codes] if self.codes is not None else []
+        extra = [self.codes, self.select_guess] if self.codes is not None else []
         if self.plan_fractions is not None:
             if self.plan_fractions.shape[1] != hkv:
                 raise SpotlightError(f"the head budgets have {self.plan_fractions.shape[1]} KV heads, the cache {hkv}")
@@ -190,7 +195,9 @@ class SpotlightStaticLayer(CacheLayerMixin):
 
     def _buffers(self) -> list[torch.Tensor]:
         # lengths, not seen: beams reorder rows, and every row has seen the same columns
-        return [self.k_by_token, self.v_by_token, self.lengths] + ([self.codes] if self.codes is not None else [])
+        hashed = [self.codes] if self.codes is not None else []
+        hashed += [self.select_guess] if self.select_guess is not None and self.select_guess.numel() else []
+        return [self.k_by_token, self.v_by_token, self.lengths] + hashed
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: rows follow beam_idx, in place (the buffers keep their addresses)."""
@@ -202,7 +209,7 @@ class SpotlightStaticLayer(CacheLayerMixin):
     def _rebatch(self, fn) -> None:
         if not self.is_initialized:
             return
-        old = {name: getattr(self, name) for name in ("k_by_token", "v_by_token", "lengths", "codes")}
+        old = {name: getattr(self, name) for name in ("k_by_token", "v_by_token", "lengths", "codes", "select_guess")}
         b, _, hkv, d = fn(old["k_by_token"]).shape
         seen = self.seen.clone()
         self._allocate(b, hkv, d, old["v_by_token"].shape[-1], self.dtype, self.device)

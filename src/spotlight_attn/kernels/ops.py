@@ -6,7 +6,7 @@ kernel (or flash-attention), elsewhere the pure-torch reference (or the Triton i
 `use_kernel` asks for it, as the tests do). Nothing in them reads the device from the host, and their
 outputs have shapes fixed by their arguments, so a whole decode step can be captured in one graph.
 
-    spotlight::score_select(query_codes, key_codes, bounds, k, bits, sink, window, use_kernel) -> indices
+    spotlight::score_select(query_codes, key_codes, bounds, k, bits, sink, window, guess!, use_kernel) -> indices
     spotlight::sparse_decode(query, keys, values, indices, scaling, use_kernel) -> out
     spotlight::dense_decode(query, keys_by_token, values_by_token, lengths, cu_k, scaling) -> out
     spotlight::hash_codes(x, w1, b1, w2, b2, proj, use_kernel) -> codes (kernels/hash.py)
@@ -31,21 +31,25 @@ def _use(tensors, use_kernel: int) -> bool:
     return _triton.use_kernel(tensors, None if use_kernel < 0 else bool(use_kernel))
 
 
-@torch.library.custom_op("spotlight::score_select", mutates_args=())
+@torch.library.custom_op("spotlight::score_select", mutates_args=("guess",))
 def score_select_op(
     query_codes: torch.Tensor, key_codes: torch.Tensor, bounds: torch.Tensor, k: int, bits: int, sink: int, window: int,
-    use_kernel: int = -1,
+    guess: torch.Tensor, use_kernel: int = -1,
 ) -> torch.Tensor:
     """query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (read in place: any strides but the
     last), key_codes [B, Hkv, T, W] int32, bounds [B, 3] or per KV head [B, Hkv, 3] int32 (valid run
-    start, end, keys to read: kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails."""
+    start, end, keys to read: kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails.
+    guess [B, Hkv] float32: the kernel's per-row threshold prediction, updated in place
+    (score_select.new_guess), or an empty tensor for none; the reference ignores it. The picks do
+    not depend on it. (A tensor, never None: torch 2.11's in-place bookkeeping of custom ops indexes
+    past the arguments for a mutated optional left at None.)"""
     from spotlight_attn.kernels.score_select import SelectPlan, _score_select_triton, kernel_serves, query_group
 
     budget = Budget(0, min_tokens=0, sink=sink, window=window)
     group = query_group(query_codes, key_codes.shape[1])
     if _use((query_codes, key_codes, bounds), use_kernel) and kernel_serves(group, bits):
         plan = SelectPlan(budget, k, (k,) * bounds.shape[0], bounds, True)
-        return _score_select_triton(query_codes, key_codes, plan, bits)
+        return _score_select_triton(query_codes, key_codes, plan, bits, guess=guess if guess.numel() else None)
     return _score_select_rows_reference(query_codes, key_codes, bounds, k, bits, budget)
 
 
@@ -71,7 +75,7 @@ def _score_select_rows_reference(query_codes, key_codes, bounds, k, bits, budget
 
 
 @score_select_op.register_fake
-def _(query_codes, key_codes, bounds, k, bits, sink, window, use_kernel=-1):
+def _(query_codes, key_codes, bounds, k, bits, sink, window, guess, use_kernel=-1):
     return key_codes.new_empty((key_codes.shape[0], key_codes.shape[1], k), dtype=torch.int64)
 
 

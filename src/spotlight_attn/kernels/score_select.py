@@ -29,10 +29,22 @@ plane_j = the bits where |d_i| / 2^PAR has bit j set (PAR = 1 for even G, whose 
 first term is the same for every key of the row, so the kernel ranks keys by the second, scaled by
 2^-PAR: x = sum_j 2^j popcount(...) in [0, bits * (G >> PAR)]. That takes bit_length(G >> PAR)
 popcounts per word instead of G (2 instead of 4 for G = 4).
+
+A predicted threshold (`guess`, one float per row kept from step to step) lets pass 1 settle it
+alone most of the time. Over keys of random bits x would have mean m = sum_i w_i / 2 and spread
+s = sqrt(sum_i w_i^2) / 2 (w_i = |d_i| >> PAR, known from the query before any key is read); a row
+keeps r = (threshold - m) / s from its last step, and pass 1 counts exact bins for the GUESS_EXACT
+scores either side of c = round(m + r s), then bands of 2, 4, 8 and 16 scores, then one open bin
+a side. When the k-th best score falls in an exact bin, pass 1's counts give the threshold and the
+tie quotas, and pass 2 does not run (mode 0); in a band, pass 2 counts inside it as it does a
+coarse bucket (mode 1); in an open bin, the keys are recounted in coarse buckets first (mode 2).
+The picks never depend on the prediction, only the work does. docs/kernels-notes.md, "Predicted
+threshold", has how often each mode comes up on the real model (benchmarks/threshold_drift.py).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +59,17 @@ triton = tl = libdevice = _sum = _max = _cumsum = None  # bound on the first lau
 COARSE_BINS = 64  # buckets of the first pass; tl.histogram's cost grows with the bin count
 FORCED = 32767  # 16-bit score marking a sink/window key; padding keys hold -1
 MAX_CHUNKS = 64  # chunks per row, so one program can reduce every chunk's counts
+# Pass 1's bins around a predicted threshold c (`guess`, module docstring): GUESS_EXACT scores either side
+# of c one bin each, then GUESS_BANDS bands a side of widths 2, 4, 8, 16, then one open bin a side.
+GUESS_EXACT = 4
+GUESS_BANDS = 4
+GUESS_CENTER = 1 + GUESS_BANDS + GUESS_EXACT  # the bin of x == c
+GUESS_BINS = 2 * GUESS_CENTER + 1  # 19: five packed counters of four 8-bit fields
+GUESS_START = 2.0  # the residual a row starts from (about the 2% point of a normal spread)
+# The static cache keeps a prediction buffer per hash layer unless SPOTLIGHT_SELECT_GUESS=0 (for A/B
+# timing: the picks are the same either way).
+GUESS_IN_CACHE = os.environ.get("SPOTLIGHT_SELECT_GUESS", "1") != "0"
+COUNTERS = 5  # per row in the fused kernel: arrivals, flag 1, flag 2, departures, recount flag
 
 
 def query_group(query_codes: torch.Tensor, num_kv_heads: int) -> int:
@@ -291,10 +314,24 @@ def _nibble_hist(acc, NB: tl.constexpr):
 
 
 @_triton.kernel
+def _guess_bin(x, c, GUESS: tl.constexpr, SHIFT: tl.constexpr):
+    """Pass 1's bin of scores x: x >> SHIFT, or with GUESS the bins around the predicted threshold c
+    (GUESS_EXACT, GUESS_BANDS): ordered as the scores, so the bins above a bin hold the higher scores."""
+    if GUESS:
+        d = x - c
+        a = tl.abs(d)
+        v = a - 4 + 1  # a - (GUESS_EXACT + 1) + 2: 2 at the first band's first score
+        side = 4 + 1 + (v >= 4).to(tl.int32) + (v >= 8).to(tl.int32) + (v >= 16).to(tl.int32) + (v >= 32).to(tl.int32)
+        return tl.where(a <= 4, 9 + d, tl.where(d > 0, 9 + side, 9 - side))  # 9: GUESS_CENTER
+    else:
+        return x >> SHIFT
+
+
+@_triton.kernel
 def _score_block_masked(
     k_row, score_row, t, start, end, lo, hi, T, sink, window, majority, plane0, plane1, plane2, plane3, plane4,
-    hist, n_forced, word, W: tl.constexpr, W_PAD: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr,
-    NBC: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr,
+    hist, n_forced, word, c, W: tl.constexpr, W_PAD: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr,
+    NBC: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, GUESS: tl.constexpr,
 ):
     """One block of keys t [BT] that may hold forced, padding or out-of-row keys -> (hist, n_forced)."""
     codes = _load_codes(k_row, t, lo, hi, word, W, W_PAD)
@@ -304,21 +341,22 @@ def _score_block_masked(
     x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
     stored = tl.where(forced, FORCED, tl.where(candidate, x, -1))
     tl.store(score_row + t, stored.to(tl.int16), mask=t < T)
-    return hist + tl.histogram(x >> SHIFT, NBC, mask=candidate), n_forced + forced.to(tl.int32)
+    return hist + tl.histogram(_guess_bin(x, c, GUESS, SHIFT), NBC, mask=candidate), n_forced + forced.to(tl.int32)
 
 
 @_triton.kernel
 def _score_chunk(
-    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, guess_ptr, row, chunk,
     stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
-    CP: tl.constexpr,
+    CP: tl.constexpr, GUESS: tl.constexpr,
 ):
     """Pass 1's scoring of one chunk of row = b * Hkv + h: writes score[row, t] int16 (x, FORCED, or -1
-    for padding), hist[row, chunk, NBC] and forced[row, chunk]; returns the row's k_row."""
+    for padding), hist[row, chunk, NBC] and forced[row, chunk]; returns the row's k_row and, for
+    GUESS, the predicted threshold c and the spread terms m, s it came from (0 without GUESS)."""
     b = row // num_kv_heads
     h = row % num_kv_heads
     bound = bounds_ptr + b * stride_bb + h * stride_bh  # [B, 3] (stride_bh 0) or per head [B, Hkv, 3]
@@ -345,6 +383,16 @@ def _score_chunk(
     plane2 = _sum(tl.where((e & 4) != 0, one_at, 0), axis=1)
     plane3 = _sum(tl.where((e & 8) != 0, one_at, 0), axis=1)
     plane4 = _sum(tl.where((e & 16) != 0, one_at, 0), axis=1)
+    m = tl.full([], 0.0, tl.float32)
+    s = m
+    c = tl.full([], 0, tl.int32)
+    if GUESS:  # c = m + r s: m, s the mean and spread of x over random keys, r the row's residual last step
+        ef = e.to(tl.float32)
+        m = _sum(_sum(ef, axis=1), axis=0) * 0.5
+        s = tl.sqrt(_sum(_sum(ef * ef, axis=1), axis=0)) * 0.5
+        r = tl.load(guess_ptr + row)
+        r = tl.where(r == r, tl.minimum(tl.maximum(r, -64.0), 64.0), 2.0)  # NaN: the start value
+        c = tl.floor(m + r * s + 0.5).to(tl.int32)
 
     row_off = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     score_row = score_ptr + row.to(tl.int64) * score_stride
@@ -361,8 +409,8 @@ def _score_chunk(
         for blk in range(0, first):
             hist, n_forced = _score_block_masked(
                 k_ptr + row_off, score_row, t0 + blk * BT + tl.arange(0, BT), start, end, lo, hi, T, sink, window,
-                majority, plane0, plane1, plane2, plane3, plane4, hist, n_forced, word,
-                W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED)
+                majority, plane0, plane1, plane2, plane3, plane4, hist, n_forced, word, c,
+                W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED, GUESS)
         t_next = t0 + first * BT + tl.arange(0, BT)
         codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)
         c0 = tl.full([BT], 0, tl.int32)  # CP > 0: _packed_add's counters of the interior blocks
@@ -377,17 +425,18 @@ def _score_chunk(
             codes_next = _load_codes(k_ptr + row_off, t_next, lo, hi, word, W, W_PAD)  # next block in flight
             x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
             tl.store(score_row + t, x.to(tl.int16))
+            f = _guess_bin(x, c, GUESS, SHIFT)
             if CP > 0:
-                c0, c1, c2, c3, c4 = _packed_add(c0, c1, c2, c3, c4, x >> SHIFT, True, CP)
+                c0, c1, c2, c3, c4 = _packed_add(c0, c1, c2, c3, c4, f, True, CP)
             else:
-                hist += tl.histogram(x >> SHIFT, NBC)
+                hist += tl.histogram(f, NBC)
         if CP > 0:
             hist += _packed_hist(c0, c1, c2, c3, c4, NBC, CP)
         for blk in range(last, chunk_blocks):
             hist, n_forced = _score_block_masked(
                 k_ptr + row_off, score_row, t0 + blk * BT + tl.arange(0, BT), start, end, lo, hi, T, sink, window,
-                majority, plane0, plane1, plane2, plane3, plane4, hist, n_forced, word,
-                W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED)
+                majority, plane0, plane1, plane2, plane3, plane4, hist, n_forced, word, c,
+                W, W_PAD, NP, SHIFT, NBC, HW_POPC, FORCED, GUESS)
     else:
         t_next = t0 + tl.arange(0, BT)
         if PREFETCH:
@@ -407,20 +456,46 @@ def _score_chunk(
             x = _block_scores(codes, majority, plane0, plane1, plane2, plane3, plane4, NP, HW_POPC)
             stored = tl.where(forced, FORCED, tl.where(candidate, x, -1))
             tl.store(score_row + t, stored.to(tl.int16), mask=in_row)
-            hist += tl.histogram(x >> SHIFT, NBC, mask=candidate)
+            hist += tl.histogram(_guess_bin(x, c, GUESS, SHIFT), NBC, mask=candidate)
             n_forced += forced.to(tl.int32)
 
     cells = (row * n_chunks + chunk) * NBC
     tl.store(hist_ptr + cells + tl.arange(0, NBC), hist)
     tl.store(forced_ptr + row * n_chunks + chunk, _sum(n_forced, axis=0))
-    return k_row
+    return k_row, c, m, s
 
 
 @_triton.kernel
-def _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC: tl.constexpr, MAXC: tl.constexpr):
-    """Pass 1's end, run by the row's last chunk: from every chunk's histogram, the bucket holding the
-    row's k-th best score. Writes base[row, chunk] (forced + keys above the threshold bucket) and
-    state[row, 0:2] = (threshold bucket, keys still needed from it)."""
+def _split_ties(emit_ptr, row, n_chunks, c, c_ok, settled, tied, ties_taken):
+    """Each chunk's output offset and tied keys to skip (emit[row, chunk, 0:2]), from its sure picks
+    `settled` [MAXC] (forced keys and those above the threshold), its keys at the threshold `tied`
+    [MAXC] and how many of all ties are taken: the most recent ones, so quotas go from the last chunk
+    backwards."""
+    later = _sum(tied, axis=0) - _cumsum(tied, axis=0)  # tied keys in later chunks
+    take = tl.minimum(tl.maximum(ties_taken - later, 0), tied)
+    picked = settled + take
+    tl.store(emit_ptr + (row * n_chunks + c) * 2, _cumsum(picked, axis=0) - picked, mask=c_ok)
+    tl.store(emit_ptr + (row * n_chunks + c) * 2 + 1, tied - take, mask=c_ok)
+
+
+@_triton.kernel
+def _update_guess(guess_ptr, row, threshold, need, m, s):
+    """The row's residual r = (threshold - m) / s for the next step's prediction (GUESS)."""
+    if (need > 0) & (s > 0):
+        tl.store(guess_ptr + row, (threshold.to(tl.float32) - m) / s)
+
+
+@_triton.kernel
+def _score_reduce(
+    hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks, k_row, center, m, s,
+    SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr, FORCED: tl.constexpr, GUESS: tl.constexpr,
+):
+    """Pass 1's end, run by the row's last chunk: from every chunk's histogram, the bin holding the
+    row's k-th best score. Writes base[row, chunk] (forced + keys above that bin) and state[row]:
+    0 lo and 3 hi, the bin's scores [lo, hi); 1 keys still needed from it; 4 the mode of what
+    follows: 1 exact counts inside [lo, hi) (pass 2), 0 nothing (GUESS, the bin held one score: the
+    threshold, state 2, and the emit offsets are written here), 2 a recount in coarse buckets first
+    (GUESS, the k-th score fell outside the bands around the prediction)."""
     c = tl.arange(0, MAXC)
     bins = tl.arange(0, NBC)
     c_ok = c < n_chunks
@@ -435,48 +510,129 @@ def _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_ro
     bucket = _max(tl.where(at_least >= need, bins, -1), axis=0)
     bucket = tl.where(need > 0, bucket, NBC)  # NBC: nothing to pick by score
     above = _sum(tl.where(bins[None, :] > bucket, counts, 0), axis=1)  # [MAXC]
+    if GUESS:  # the bins of _guess_bin: GUESS_CENTER 9, GUESS_EXACT 4, GUESS_BANDS 4
+        k = tl.abs(bucket - 9)
+        exact = k <= 4
+        j = tl.minimum(tl.maximum(k - 5, 0), 4)  # the band: widths 2 << j
+        a_lo = 3 + (2 << j)  # the band's distances from the center, [a_lo, a_hi)
+        a_hi = 3 + (4 << j)
+        up = bucket > 9
+        lo = tl.where(exact, center + bucket - 9, tl.where(up, center + a_lo, center - a_hi + 1))
+        hi = tl.where(exact, lo + 1, tl.where(up, center + a_hi, center - a_lo + 1))
+        lo = tl.maximum(lo, 0)  # padding's -1 stays outside
+        hi = tl.minimum(hi, FORCED)
+        mode = tl.where(exact | (need <= 0), 0, tl.where(k - 5 < 4, 1, 2))
+        tl.store(stats_ptr + row * 2, m)
+        tl.store(stats_ptr + row * 2 + 1, s)
+        if mode == 0:
+            tied = _sum(tl.where(bins[None, :] == bucket, counts, 0), axis=1)  # [MAXC]
+            threshold = tl.where(need > 0, lo, FORCED - 1)  # FORCED - 1: no score is that high
+            _split_ties(emit_ptr, row, n_chunks, c, c_ok, forced_c + above, tied, need - _sum(above, axis=0))
+            tl.store(state_ptr + row * 8 + 2, threshold)
+            _update_guess(guess_ptr, row, threshold, need, m, s)
+    else:
+        lo = bucket << SHIFT
+        hi = tl.minimum((bucket + 1) << SHIFT, FORCED)
+        mode = tl.full([], 1, tl.int32)
     tl.store(base_ptr + row * n_chunks + c, forced_c + above, mask=c_ok)
-    tl.store(state_ptr + row * 4, bucket)
-    tl.store(state_ptr + row * 4 + 1, need - _sum(above, axis=0))
+    tl.store(state_ptr + row * 8, lo)
+    tl.store(state_ptr + row * 8 + 1, need - _sum(above, axis=0))
+    tl.store(state_ptr + row * 8 + 3, hi)
+    tl.store(state_ptr + row * 8 + 4, mode)
 
 
 @_triton.kernel
 def _score_kernel(
-    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, counter_ptr,
-    stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr,
+    counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
     num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
-    CP: tl.constexpr,
+    CP: tl.constexpr, GUESS: tl.constexpr,
 ):
     """Pass 1 for chunk program_id(0) of row program_id(1) = b * Hkv + h (_score_chunk); the row's last
     chunk to finish reduces every chunk's counts (_score_reduce; release/acquire through the counter)."""
     chunk = tl.program_id(0)
     row = tl.program_id(1)
-    k_row = _score_chunk(
-        q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
+    k_row, center, m, s = _score_chunk(
+        q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, guess_ptr, row, chunk,
         stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
         num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
-        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
+        G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP, GUESS,
     )
     tl.debug_barrier()
     if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
-        _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC, MAXC)
+        _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks, k_row,
+                      center, m, s, SHIFT, NBC, MAXC, FORCED, GUESS)
         tl.atomic_xchg(counter_ptr + row, 0)
+
+
+@_triton.kernel
+def _recount_counts(
+    score_row, t0, stop, SHIFT: tl.constexpr, NBC: tl.constexpr, BT: tl.constexpr, FORCED: tl.constexpr,
+    RP: tl.constexpr,
+):
+    """The recount (GUESS mode 2): the coarse buckets x >> SHIFT of the keys of [t0, stop), from their
+    scores -> hist [NBC]; in RP packed counters (_packed_add) where the launcher allows, else
+    tl.histogram."""
+    hist = tl.full([NBC], 0, tl.int32)
+    acc = tl.full([BT], 0, tl.int32)
+    c0 = acc
+    c1 = acc
+    c2 = acc
+    c3 = acc
+    c4 = acc
+    for start in range(t0, stop, BT):
+        t = start + tl.arange(0, BT)
+        s = tl.load(score_row + t, mask=t < stop, other=-1).to(tl.int32)
+        counted = (s >= 0) & (s < FORCED)
+        if RP > 0:
+            c0, c1, c2, c3, c4 = _packed_add(c0, c1, c2, c3, c4, tl.where(counted, s, 0) >> SHIFT, counted, RP)
+        else:
+            hist += tl.histogram(tl.maximum(s, 0) >> SHIFT, NBC, mask=counted)
+    if RP > 0:
+        hist = _packed_hist(c0, c1, c2, c3, c4, NBC, RP)
+    return hist
+
+
+@_triton.kernel
+def _recount_kernel(
+    score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, bounds_ptr, counter_ptr,
+    num_kv_heads, stride_bb, stride_bh, T, score_stride, n_chunks, chunk_tokens,
+    SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, FORCED: tl.constexpr,
+    RP: tl.constexpr,
+):
+    """The recount for chunk program_id(0) of row program_id(1), where pass 1 left mode 2 (else
+    nothing); the row's last chunk finds the coarse bucket as pass 1 does without GUESS (mode 1)."""
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    if tl.load(state_ptr + row * 8 + 4) == 2:
+        t0 = chunk * chunk_tokens
+        hist = _recount_counts(score_ptr + row.to(tl.int64) * score_stride, t0, tl.minimum(t0 + chunk_tokens, T),
+                               SHIFT, NBC, BT, FORCED, RP)
+        tl.store(hist_ptr + (row * n_chunks + chunk) * NBC + tl.arange(0, NBC), hist)
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
+            k_row = tl.load(bounds_ptr + (row // num_kv_heads) * stride_bb + (row % num_kv_heads) * stride_bh + 2)
+            zero = tl.full([], 0, tl.int32)
+            _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks,
+                          k_row, zero, zero.to(tl.float32), zero.to(tl.float32), SHIFT, NBC, MAXC, FORCED, False)
+            tl.atomic_xchg(counter_ptr + row, 0)
 
 
 @_triton.kernel
 def _refine_counts(
     score_row, state_ptr, row, t0, stop,
-    SHIFT: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr, FORCED: tl.constexpr,
+    FB: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Pass 2's counting: the keys of [t0, stop) whose scores fall inside the row's threshold bucket,
     per exact score -> fine [FB]."""
-    bucket = tl.load(state_ptr + row * 4, cache_modifier=".cg")  # .cg: in the fused kernels, written just now
+    # .cg: in the fused kernels, written just now. The bucket's scores are [lo, hi) (hi - lo <= FB);
+    # padding (-1) and FORCED fall outside.
+    lo = tl.load(state_ptr + row * 8, cache_modifier=".cg")
+    hi = tl.load(state_ptr + row * 8 + 3, cache_modifier=".cg")
     fine = tl.full([FB], 0, tl.int32)
-    lo = bucket << SHIFT  # the bucket's scores are [lo, hi); padding (-1) and FORCED fall outside
-    hi = tl.minimum((bucket + 1) << SHIFT, FORCED)
     # PACKED (FB <= 16): counters kept per key slot across the loop and reduced once at the end,
     # _nibble_add's (PACKED 4: a slot sees at most 15 blocks, see the launcher) or _packed_add's
     # (PACKED 8: at most 255).
@@ -508,13 +664,14 @@ def _refine_counts(
 
 @_triton.kernel
 def _refine_reduce(
-    fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks,
-    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, FORCED: tl.constexpr,
+    fine_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks,
+    FB: tl.constexpr, MAXC: tl.constexpr, FORCED: tl.constexpr, GUESS: tl.constexpr,
 ):
     """Pass 2's end, run by the row's last chunk: from every chunk's fine counts, the threshold score
-    (state[row, 2]) and each chunk's output offset and tied keys to skip (emit[row, chunk, 0:2])."""
-    bucket = tl.load(state_ptr + row * 4, cache_modifier=".cg")
-    need = tl.load(state_ptr + row * 4 + 1, cache_modifier=".cg")
+    (state[row, 2]) and each chunk's output offset and tied keys to skip (emit[row, chunk, 0:2]);
+    with GUESS, the row's residual for the next step."""
+    lo = tl.load(state_ptr + row * 8, cache_modifier=".cg")
+    need = tl.load(state_ptr + row * 8 + 1, cache_modifier=".cg")
     fine_bins = tl.arange(0, FB)
     c = tl.arange(0, MAXC)
     c_ok = c < n_chunks
@@ -528,38 +685,40 @@ def _refine_reduce(
     level = _max(tl.where(at_least >= need, fine_bins, -1), axis=0)  # need == 0: takes nothing
     above = _sum(tl.where(fine_bins[None, :] > level, counts, 0), axis=1)  # [MAXC]
     tied = _sum(tl.where(fine_bins[None, :] == level, counts, 0), axis=1)  # [MAXC]
-    ties_taken = need - _sum(above, axis=0)
-    later = _sum(tied, axis=0) - _cumsum(tied, axis=0)  # tied keys in later chunks
-    take = tl.minimum(tl.maximum(ties_taken - later, 0), tied)  # the most recent ties win
-    picked = base + above + take
-    tl.store(emit_ptr + (row * n_chunks + c) * 2, _cumsum(picked, axis=0) - picked, mask=c_ok)
-    tl.store(emit_ptr + (row * n_chunks + c) * 2 + 1, tied - take, mask=c_ok)
-    threshold = tl.where(need > 0, (bucket << SHIFT) + level, FORCED - 1)  # FORCED - 1: no score is that high
-    tl.store(state_ptr + row * 4 + 2, threshold)
+    _split_ties(emit_ptr, row, n_chunks, c, c_ok, base + above, tied, need - _sum(above, axis=0))
+    threshold = tl.where(need > 0, lo + level, FORCED - 1)  # FORCED - 1: no score is that high
+    tl.store(state_ptr + row * 8 + 2, threshold)
+    if GUESS:
+        m = tl.load(stats_ptr + row * 2, cache_modifier=".cg")
+        s = tl.load(stats_ptr + row * 2 + 1, cache_modifier=".cg")
+        _update_guess(guess_ptr, row, threshold, need, m, s)
 
 
 @_triton.kernel
 def _refine_kernel(
-    score_ptr, fine_ptr, base_ptr, state_ptr, emit_ptr, counter_ptr,
+    score_ptr, fine_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, counter_ptr,
     T, score_stride, n_chunks, chunk_tokens,
-    SHIFT: tl.constexpr, FB: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
-    FORCED: tl.constexpr,
+    FB: tl.constexpr, MAXC: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
+    FORCED: tl.constexpr, GUESS: tl.constexpr,
 ):
-    """Pass 2 for chunk program_id(0) of row program_id(1): exact counts inside the threshold bucket.
+    """Pass 2 for chunk program_id(0) of row program_id(1): exact counts inside the threshold bucket,
+    unless pass 1 settled the threshold (mode 0).
 
     Writes fine[row, chunk, FB]; the row's last chunk writes state[row, 2] = threshold x (FORCED - 1
     when nothing is picked by score) and emit[row, chunk, 0:2] = (output offset, tied keys to skip).
     """
     chunk = tl.program_id(0)
     row = tl.program_id(1)
-    t0 = chunk * chunk_tokens
-    score_row = score_ptr + row.to(tl.int64) * score_stride
-    fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), SHIFT, FB, BT, PACKED, FORCED)
-    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
-    tl.debug_barrier()
-    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
-        _refine_reduce(fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks, SHIFT, FB, MAXC, FORCED)
-        tl.atomic_xchg(counter_ptr + row, 0)
+    if tl.load(state_ptr + row * 8 + 4) != 0:
+        t0 = chunk * chunk_tokens
+        score_row = score_ptr + row.to(tl.int64) * score_stride
+        fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), FB, BT, PACKED)
+        tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
+            _refine_reduce(fine_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks, FB, MAXC,
+                           FORCED, GUESS)
+            tl.atomic_xchg(counter_ptr + row, 0)
 
 
 @_triton.kernel
@@ -571,7 +730,7 @@ def _emit_chunk(
     """Pass 3 for one chunk: out_row gets the chunk's picked positions (int64) at its offset, in
     position order; chunk 0 also fills the row's unused tail with -1. The row's threshold and the
     chunk's offset are read from L2 (.cg): in the fused kernel another program wrote them just now."""
-    threshold = tl.load(state_ptr + row * 4 + 2, cache_modifier=".cg")
+    threshold = tl.load(state_ptr + row * 8 + 2, cache_modifier=".cg")
     offset = tl.load(emit_ptr + (row * n_chunks + chunk) * 2, cache_modifier=".cg")
     skip = tl.load(emit_ptr + (row * n_chunks + chunk) * 2 + 1, cache_modifier=".cg")  # the chunk's first `skip` ties stay out
     ties_seen = tl.full([], 0, tl.int32)
@@ -622,61 +781,86 @@ def _emit_kernel(
 
 
 @_triton.kernel
+def _row_barrier(counters, flag, n_chunks):
+    """Wait for every chunk of the row; returns whether this program arrived last (it then holds the
+    row while the others wait: it reduces, then calls _row_release)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1
+    if not last:
+        while tl.atomic_add(counters + flag, 0, sem="acquire") == 0:
+            pass
+    return last
+
+
+@_triton.kernel
+def _row_release(counters, flag):
+    """The last arrival's end of a barrier: reset the arrivals, raise the flag the others wait on."""
+    tl.atomic_xchg(counters, 0)
+    tl.debug_barrier()  # every thread's stores before the release
+    tl.atomic_xchg(counters + flag, 1, sem="release")
+
+
+@_triton.kernel
 def _select_kernel(
-    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, fine_ptr, emit_ptr, out_ptr,
-    counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
+    q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, fine_ptr,
+    emit_ptr, out_ptr, counter_ptr, stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
     num_kv_heads, T, score_stride, bits, sink, window, k, n_chunks, chunk_blocks,
     G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, G_PAD: tl.constexpr,
     PAR: tl.constexpr, NP: tl.constexpr, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr,
     BT: tl.constexpr, HW_POPC: tl.constexpr, FORCED: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
     CP: tl.constexpr,
     FB: tl.constexpr, BT_REFINE: tl.constexpr, BT_EMIT: tl.constexpr, PACKED: tl.constexpr, SCORE: tl.constexpr,
-    ASM_STORE: tl.constexpr,
+    ASM_STORE: tl.constexpr, GUESS: tl.constexpr, RP: tl.constexpr,
 ):
     """The passes in one launch (CUDA only; the launcher checks that every program is resident): all
     three with SCORE, else passes 2 and 3 after _score_kernel (the score arguments then go unused).
 
     Each chunk scores, waits for its row's bucket, counts inside it from the scores it has just
-    written (in L2), waits for the threshold, emits. At each wait the last chunk of the row to
-    arrive reduces every chunk's counts and raises the row's flag; the others wait for it. Counters
-    per row: arrivals (reset by each barrier's last arrival before it raises its flag, so the second
-    barrier counts from zero), flag 1, flag 2, departures; the last chunk to leave lowers the flags,
-    so the counters end at zero.
+    written (in L2), waits for the threshold, emits; with GUESS the row's mode after pass 1 (the same
+    for all its chunks) may skip the counts (0) or add a recount before them (2). At each wait the
+    last chunk of the row to arrive reduces every chunk's counts and raises the row's flag; the
+    others wait for it. Counters per row (COUNTERS): arrivals (reset by each barrier's last arrival
+    before it raises its flag, so the next barrier counts from zero), flag 1, flag 2, departures,
+    the recount's flag; the last chunk to leave lowers the flags, so the counters end at zero.
     """
     chunk = tl.program_id(0)
     row = tl.program_id(1)
-    counters = counter_ptr + row * 4
+    counters = counter_ptr + row * 5
     if SCORE:
-        k_row = _score_chunk(
-            q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, row, chunk,
+        k_row, center, m, s = _score_chunk(
+            q_ptr, k_ptr, bounds_ptr, score_ptr, hist_ptr, forced_ptr, guess_ptr, row, chunk,
             stride_qb, stride_qk, stride_qg, stride_kb, stride_kh, stride_bb, stride_bh,
             num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
-            G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP,
+            G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP, GUESS,
         )
-        tl.debug_barrier()
-        if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
-            _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, row, n_chunks, k_row, NBC, MAXC)
-            tl.atomic_xchg(counters, 0)
-            tl.debug_barrier()  # every thread's stores before the release
-            tl.atomic_xchg(counters + 1, 1, sem="release")
-        else:
-            while tl.atomic_add(counters + 1, 0, sem="acquire") == 0:
-                pass
+        if _row_barrier(counters, 1, n_chunks):
+            _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks,
+                          k_row, center, m, s, SHIFT, NBC, MAXC, FORCED, GUESS)
+            _row_release(counters, 1)
 
     chunk_tokens = chunk_blocks * BT
     t0 = chunk * chunk_tokens
+    stop = tl.minimum(t0 + chunk_tokens, T)
     score_row = score_ptr + row.to(tl.int64) * score_stride
-    fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), SHIFT, FB, BT_REFINE, PACKED, FORCED)
-    tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
-    tl.debug_barrier()
-    if tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1:
-        _refine_reduce(fine_ptr, base_ptr, state_ptr, emit_ptr, row, n_chunks, SHIFT, FB, MAXC, FORCED)
-        tl.atomic_xchg(counters, 0)
-        tl.debug_barrier()
-        tl.atomic_xchg(counters + 2, 1, sem="release")
-    else:
-        while tl.atomic_add(counters + 2, 0, sem="acquire") == 0:
-            pass
+    mode = tl.load(state_ptr + row * 8 + 4, cache_modifier=".cg")
+    if GUESS:
+        if mode == 2:
+            hist = _recount_counts(score_row, t0, stop, SHIFT, NBC, BT_REFINE, FORCED, RP)
+            tl.store(hist_ptr + (row * n_chunks + chunk) * NBC + tl.arange(0, NBC), hist)
+            if _row_barrier(counters, 4, n_chunks):
+                k_row = tl.load(bounds_ptr + (row // num_kv_heads) * stride_bb + (row % num_kv_heads) * stride_bh + 2)
+                zero = tl.full([], 0, tl.int32)
+                _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row,
+                              n_chunks, k_row, zero, zero.to(tl.float32), zero.to(tl.float32), SHIFT, NBC, MAXC,
+                              FORCED, False)
+                _row_release(counters, 4)
+    if mode != 0:
+        fine = _refine_counts(score_row, state_ptr, row, t0, stop, FB, BT_REFINE, PACKED)
+        tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
+        if _row_barrier(counters, 2, n_chunks):
+            _refine_reduce(fine_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks, FB, MAXC,
+                           FORCED, GUESS)
+            _row_release(counters, 2)
 
     _emit_chunk(
         score_row, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
@@ -686,6 +870,7 @@ def _select_kernel(
     if tl.atomic_add(counters + 3, 1, sem="acq_rel") == n_chunks - 1:
         tl.atomic_xchg(counters + 1, 0)
         tl.atomic_xchg(counters + 2, 0)
+        tl.atomic_xchg(counters + 4, 0)
         tl.atomic_xchg(counters + 3, 0)
 
 
@@ -711,6 +896,7 @@ def _score_select_triton(
     asm_store: bool = True,
     nibbles: bool = True,
     fuse: str = "all",
+    guess: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (any strides but the last),
     key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
@@ -721,7 +907,11 @@ def _score_select_triton(
     same kernel, after _score_kernel), "none" three launches. Fusing is done only where it is safe: on a GPU, not
     in the interpreter (its programs run one after another, so one could never wait for another), and
     when the device holds every program of the launch at once (a program waits for its row's others);
-    elsewhere the passes run as separate launches, with the same results."""
+    elsewhere the passes run as separate launches, with the same results.
+
+    guess: each row's residual [B, Hkv] float32 (new_guess; read and updated in place), which predicts
+    its threshold from the query before any key is read (module docstring). The picks are the same
+    whatever it holds; a good prediction saves pass 2."""
     if fuse not in ("all", "tail", "none"):
         raise ValueError(f"fuse must be 'all', 'tail' or 'none', not {fuse!r}")
     _triton.bind(globals())
@@ -770,6 +960,17 @@ def _score_select_triton(
         coarse_packed = cdiv((x_max >> packed_shift) + 1, 4)
         shift, coarse_bins = packed_shift, next_pow2(4 * coarse_packed)
     fine_bins = max(1 << shift, 2)  # the scores of one bucket
+    recount_packed = 0
+    if guess is not None:
+        if guess.shape != (b, hkv) or guess.dtype != torch.float32 or not guess.is_contiguous() or guess.device != device:
+            raise ValueError(f"guess must be a contiguous float32 [{b}, {hkv}] tensor on {device}, "
+                             f"not {guess.dtype} {tuple(guess.shape)} on {guess.device}")
+        # Pass 1 counts GUESS_BINS bins around the prediction (packed where the plain pass would pack);
+        # a recount falls back to the plain buckets (shift), and pass 2 takes the widest band (16 scores).
+        coarse_bins = max(coarse_bins, next_pow2(GUESS_BINS))
+        recount_packed = coarse_packed  # the recount's buckets are the plain pass 1's
+        coarse_packed = cdiv(GUESS_BINS, 4) if coarse_packed else 0
+        fine_bins = max(fine_bins, 2 << (GUESS_BANDS - 1))
 
     i32 = dict(dtype=torch.int32, device=device)
     # Rows of the int16 score buffer start on 128-byte boundaries whatever T is: with an odd T the
@@ -781,13 +982,16 @@ def _score_select_triton(
     base = torch.empty(rows, chunks, **i32)
     fine = torch.empty(rows, chunks, fine_bins, **i32)
     emit = torch.empty(rows, chunks, 2, **i32)
-    state = torch.empty(rows, 4, **i32)
+    state = torch.empty(rows, 8, **i32)
+    stats = torch.empty(rows, 2, dtype=torch.float32, device=device)
+    guessing = guess is not None
+    guess = guess if guessing else stats  # unread without GUESS
     budget = plan.budget
     grid = (chunks, rows)
     score_meta = dict(
         G=group, W=w, W_PAD=next_pow2(w), G_PAD=next_pow2(group), PAR=par,
         NP=(group >> par).bit_length(), SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt,
-        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed,
+        HW_POPC=gpu, FORCED=FORCED, PREFETCH=prefetch, SPLIT=split_interior, CP=coarse_packed, GUESS=guessing,
         num_warps=score_warps, **({"maxnreg": score_maxnreg} if score_maxnreg else {}),
     )
     bounds = plan.bounds  # [B, 3], or per KV head [B, Hkv, 3]
@@ -798,13 +1002,14 @@ def _score_select_triton(
     # 15 blocks, else 8-bit fields up to 255 blocks, else tl.histogram.
     refine_blocks = cdiv(chunk_tokens, bt_refine)
     packed = 0 if fine_bins > 16 else 4 if nibbles and refine_blocks <= 15 else 8 if refine_blocks <= 255 else 0
+    recount_packed = recount_packed if refine_blocks <= 255 else 0
     fusing = gpu and fuse != "none"
     if fusing:
-        fused_args = (query_codes, key_codes, bounds, scores, hist, forced, base, state, fine, emit, out,
-                      _triton.zeroed_counters(device, 4 * rows), *strides,
+        fused_args = (query_codes, key_codes, bounds, scores, hist, forced, base, state, stats, guess, fine, emit, out,
+                      _triton.zeroed_counters(device, COUNTERS * rows), *strides,
                       hkv, t, t_stride, bits, budget.sink, budget.window, plan.k, chunks, chunk_blocks)
         fused_meta = dict(score_meta, FB=fine_bins, BT_REFINE=bt_refine, BT_EMIT=bt_emit, PACKED=packed,
-                          ASM_STORE=gpu and asm_store)
+                          ASM_STORE=gpu and asm_store, RP=recount_packed)
     if fusing and fuse == "all":
         meta = dict(fused_meta, SCORE=True)
         if chunks * rows <= _triton.resident_programs(_select_kernel, fused_args, meta, device):
@@ -812,7 +1017,7 @@ def _score_select_triton(
             return out
     counters = _triton.zeroed_counters(device, rows)  # passes 1 and 2 each leave them at zero
     _score_kernel[grid](
-        query_codes, key_codes, bounds, scores, hist, forced, base, state, counters,
+        query_codes, key_codes, bounds, scores, hist, forced, base, state, stats, guess, emit, counters,
         *strides, hkv, t, t_stride, bits, budget.sink, budget.window, chunks, chunk_blocks, **score_meta,
     )
     if fusing:  # "tail", or "all" where the whole kernel did not fit
@@ -821,15 +1026,26 @@ def _score_select_triton(
         if chunks * rows <= _triton.resident_programs(_select_kernel, fused_args, meta, device):
             _select_kernel[grid](*fused_args, **meta)
             return out
+    if guessing:
+        _recount_kernel[grid](
+            scores, hist, forced, base, state, stats, guess, emit, bounds, counters, hkv, *bound_strides, t, t_stride,
+            chunks, chunk_tokens, SHIFT=shift, NBC=coarse_bins, MAXC=maxc, BT=bt_refine, FORCED=FORCED,
+            RP=recount_packed, num_warps=refine_warps,
+        )
     _refine_kernel[grid](
-        scores, fine, base, state, emit, counters, t, t_stride, chunks, chunk_tokens,
-        SHIFT=shift, FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, num_warps=refine_warps,
+        scores, fine, base, state, stats, guess, emit, counters, t, t_stride, chunks, chunk_tokens,
+        FB=fine_bins, MAXC=maxc, BT=bt_refine, PACKED=packed, FORCED=FORCED, GUESS=guessing, num_warps=refine_warps,
     )
     _emit_kernel[grid](
         scores, state, emit, bounds, out, hkv, *bound_strides, t, t_stride, plan.k, chunk_tokens, chunks,
         BT=bt_emit, FORCED=FORCED, HW=gpu and asm_store, num_warps=emit_warps,
     )
     return out
+
+
+def new_guess(batch: int, num_kv_heads: int, device: torch.device | str) -> torch.Tensor:
+    """A fresh per-row residual buffer for score_select's `guess` (every row at GUESS_START)."""
+    return torch.full((batch, num_kv_heads), GUESS_START, dtype=torch.float32, device=device)
 
 
 def _shift_below(x_max: int, bins: int) -> int:
