@@ -36,10 +36,13 @@ T = 131136  # 128K + 64 steps of room, as the static cache holds
 RUNTIME = dict(stride_qb=128, stride_qk=16, stride_qg=4, stride_kb=8 * T * 4, stride_kh=T * 4, stride_bb=3, stride_bh=0, num_kv_heads=8, T=T,
                score_stride=T, bits=128, sink=4, window=16, k=2624, n_chunks=11, chunk_blocks=12)
 POINTERS = dict(q_ptr="*i32", k_ptr="*i32", bounds_ptr="*i32", score_ptr="*i16", hist_ptr="*i32", forced_ptr="*i32",
-                base_ptr="*i32", state_ptr="*i32", fine_ptr="*i32", emit_ptr="*i32", out_ptr="*i64", counter_ptr="*i32")
+                base_ptr="*i32", state_ptr="*i32", stats_ptr="*fp32", guess_ptr="*fp32", fine_ptr="*i32", emit_ptr="*i32",
+                out_ptr="*i64", counter_ptr="*i32")
 NOW = dict(G=4, W=4, W_PAD=4, G_PAD=4, PAR=1, NP=2, SHIFT=4, NBC=32, MAXC=16, BT=1024, HW_POPC=True, FORCED=32767,
-           PREFETCH=True, SPLIT=True, CP=5, FB=16, BT_REFINE=1024, BT_EMIT=1024, PACKED=4, SCORE=True, ASM_STORE=True)
+           PREFETCH=True, SPLIT=True, CP=5, FB=16, BT_REFINE=1024, BT_EMIT=1024, PACKED=4, SCORE=True, ASM_STORE=True,
+           GUESS=False, RP=0)
 BEFORE = dict(NOW, SHIFT=3, NBC=64, CP=0, FB=8, PACKED=8, ASM_STORE=False)
+GUESS = dict(NOW, GUESS=True, RP=5)  # with the threshold prediction (the static cache's default)
 
 
 def compile_sass(const: dict, num_warps: int = 4) -> tuple[str, int]:
@@ -101,14 +104,16 @@ def loops(sass: str) -> list[tuple[int, int, list[tuple[int, str, str]]]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", action="store_true", help="the settings of before commit 137e5ca")
+    parser.add_argument("--guess", action="store_true", help="with the threshold prediction (GUESS)")
     parser.add_argument("--dump", metavar="FILE", help="also write the SASS here")
     args = parser.parse_args(argv)
-    sass, regs = compile_sass(BEFORE if args.before else NOW)
+    sass, regs = compile_sass(BEFORE if args.before else GUESS if args.guess else NOW)
     if args.dump:
         with open(args.dump, "w") as out:
             out.write(sass)
     keys_per_thread = NOW["BT"] // (32 * 4)
-    print(f"triton {triton.__version__}, sm_90, {'before 137e5ca' if args.before else 'now'}: {regs} registers")
+    which = "before 137e5ca" if args.before else "with the prediction" if args.guess else "now"
+    print(f"triton {triton.__version__}, sm_90, {which}: {regs} registers")
     names = ["pass 1, leading masked blocks", "pass 1, interior blocks", "pass 1, trailing masked blocks", "pass 2",
              "pass 3"]
     big = [(start, end, body) for start, end, body in loops(sass) if len(body) >= 100]  # not barrier waits
