@@ -104,15 +104,17 @@ def loops(sass: str) -> list[tuple[int, int, list[tuple[int, str, str]]]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", action="store_true", help="the settings of before commit 137e5ca")
-    parser.add_argument("--guess", action="store_true", help="with the threshold prediction (GUESS)")
+    parser.add_argument("--guess", nargs="?", const="bands", choices=("bands", "exact"),
+                        help="with the threshold prediction (GUESS), in guess_bins' bands (default) or exact bins")
     parser.add_argument("--dump", metavar="FILE", help="also write the SASS here")
     args = parser.parse_args(argv)
-    sass, regs = compile_sass(BEFORE if args.before else GUESS if args.guess else NOW)
+    settings = BEFORE if args.before else dict(GUESS, GUESS=1 if args.guess == "bands" else 2) if args.guess else NOW
+    sass, regs = compile_sass(settings)
     if args.dump:
         with open(args.dump, "w") as out:
             out.write(sass)
     keys_per_thread = NOW["BT"] // (32 * 4)
-    which = "before 137e5ca" if args.before else "with the prediction" if args.guess else "now"
+    which = "before 137e5ca" if args.before else f"with the prediction ({args.guess})" if args.guess else "now"
     print(f"triton {triton.__version__}, sm_90, {which}: {regs} registers")
     names = ["pass 1, leading masked blocks", "pass 1, interior blocks", "pass 1, trailing masked blocks", "pass 2",
              "pass 3"]

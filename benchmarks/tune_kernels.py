@@ -47,6 +47,8 @@ SELECT_VARIANTS = [  # keyword arguments of _score_select_triton (earlier varian
     dict(guess="far"),
     dict(guess="steady", fuse="none"),
     dict(guess="steady", block_tokens=512),
+    dict(guess="steady", guess_bins="exact"),  # 17 exact bins, no bands (kernels-notes: the next variant to time)
+    dict(guess="far", guess_bins="exact"),
 ]
 HASH_VARIANTS = [  # keyword arguments of _hash_codes_triton
     dict(),

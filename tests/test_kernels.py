@@ -286,9 +286,10 @@ GUESS_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("bins", ["bands", "exact"])
 @pytest.mark.parametrize("budget", [Budget(0.05, 0, 2, 4), Budget(0.3, 0, 1, 2)], ids=str)
 @pytest.mark.parametrize("shape", GUESS_SHAPES, ids=lambda s: "-".join(map(str, s)))
-def test_score_select_guess_gives_the_same_picks_whatever_it_predicts(shape, budget):
+def test_score_select_guess_gives_the_same_picks_whatever_it_predicts(shape, budget, bins):
     """Predictions that land the threshold in an exact bin (pass 1 settles it), in each band (pass 2
     counts inside it) and past the bands (the recount), and the start value: the reference's picks every
     time, and each row's residual updated to (threshold - m) / s."""
@@ -308,7 +309,7 @@ def test_score_select_guess_gives_the_same_picks_whatever_it_predicts(shape, bud
         else:
             guess = torch.where(picked, (th + offset - m) / s, GUESS_START).to(DEVICE)
         launch = dict(block_tokens=64, max_chunks=4) if not CUDA else {}
-        got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=guess, **launch)
+        got = _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=guess, guess_bins=bins, **launch)
         assert torch.equal(got.cpu(), expected), offset
         kept = torch.where(picked, (th - m) / s, guess.cpu() if offset is None else GUESS_START)
         assert torch.allclose(guess.cpu(), kept, atol=1e-5, rtol=1e-5), offset
@@ -344,6 +345,8 @@ def test_score_select_guess_per_head_budgets_and_bad_buffers():
     for bad in (torch.zeros(b, hkv + 1), torch.zeros(b, hkv, dtype=torch.float64), torch.zeros(hkv, b).t()):
         with pytest.raises(ValueError, match="guess must be"):
             _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=bad.to(DEVICE))
+    with pytest.raises(ValueError, match="guess_bins must be"):
+        _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=guess, guess_bins="wide")
 
 
 def test_score_select_falls_back_when_valid_keys_have_holes():

@@ -65,6 +65,9 @@ GUESS_EXACT = 4
 GUESS_BANDS = 4
 GUESS_CENTER = 1 + GUESS_BANDS + GUESS_EXACT  # the bin of x == c
 GUESS_BINS = 2 * GUESS_CENTER + 1  # 19: five packed counters of four 8-bit fields
+# guess_bins="exact": the same 19 bins as exact scores c - 8 .. c + 8 and one open bin a side, no bands
+# (three instructions a key in pass 1 instead of twelve; a miss takes the recount). Not yet timed.
+GUESS_WIDE = GUESS_CENTER - 1
 GUESS_START = 2.0  # the residual a row starts from (about the 2% point of a normal spread)
 # The static cache keeps a prediction buffer per hash layer unless SPOTLIGHT_SELECT_GUESS=0 (for A/B
 # timing: the picks are the same either way).
@@ -316,8 +319,11 @@ def _nibble_hist(acc, NB: tl.constexpr):
 @_triton.kernel
 def _guess_bin(x, c, GUESS: tl.constexpr, SHIFT: tl.constexpr):
     """Pass 1's bin of scores x: x >> SHIFT, or with GUESS the bins around the predicted threshold c
-    (GUESS_EXACT, GUESS_BANDS): ordered as the scores, so the bins above a bin hold the higher scores."""
-    if GUESS:
+    (GUESS 1: GUESS_EXACT, GUESS_BANDS; 2: GUESS_WIDE exact bins): ordered as the scores, so the bins
+    above a bin hold the higher scores."""
+    if GUESS == 2:
+        return tl.minimum(tl.maximum(x - c + 9, 0), 18)  # 9: GUESS_CENTER
+    elif GUESS == 1:
         d = x - c
         a = tl.abs(d)
         v = a - 4 + 1  # a - (GUESS_EXACT + 1) + 2: 2 at the first band's first score
@@ -510,9 +516,12 @@ def _score_reduce(
     bucket = _max(tl.where(at_least >= need, bins, -1), axis=0)
     bucket = tl.where(need > 0, bucket, NBC)  # NBC: nothing to pick by score
     above = _sum(tl.where(bins[None, :] > bucket, counts, 0), axis=1)  # [MAXC]
-    if GUESS:  # the bins of _guess_bin: GUESS_CENTER 9, GUESS_EXACT 4, GUESS_BANDS 4
+    if GUESS:  # the bins of _guess_bin: GUESS_CENTER 9, GUESS_EXACT 4, GUESS_BANDS 4 (GUESS 1), GUESS_WIDE 8 (2)
         k = tl.abs(bucket - 9)
-        exact = k <= 4
+        if GUESS == 2:
+            exact = k <= 8
+        else:
+            exact = k <= 4
         j = tl.minimum(tl.maximum(k - 5, 0), 4)  # the band: widths 2 << j
         a_lo = 3 + (2 << j)  # the band's distances from the center, [a_lo, a_hi)
         a_hi = 3 + (4 << j)
@@ -521,7 +530,10 @@ def _score_reduce(
         hi = tl.where(exact, lo + 1, tl.where(up, center + a_hi, center - a_lo + 1))
         lo = tl.maximum(lo, 0)  # padding's -1 stays outside
         hi = tl.minimum(hi, FORCED)
-        mode = tl.where(exact | (need <= 0), 0, tl.where(k - 5 < 4, 1, 2))
+        if GUESS == 2:  # past the exact bins: the recount
+            mode = tl.where(exact | (need <= 0), 0, 2)
+        else:
+            mode = tl.where(exact | (need <= 0), 0, tl.where(k - 5 < 4, 1, 2))
         tl.store(stats_ptr + row * 2, m)
         tl.store(stats_ptr + row * 2 + 1, s)
         if mode == 0:
@@ -897,6 +909,7 @@ def _score_select_triton(
     nibbles: bool = True,
     fuse: str = "all",
     guess: torch.Tensor | None = None,
+    guess_bins: str = "bands",
 ) -> torch.Tensor:
     """Launcher: query_codes [B, Hq, 1, W] or grouped [B, Hkv, G, W] int32 (any strides but the last),
     key_codes [B, Hkv, T, W] int32 -> indices [B, Hkv, k]
@@ -911,7 +924,8 @@ def _score_select_triton(
 
     guess: each row's residual [B, Hkv] float32 (new_guess; read and updated in place), which predicts
     its threshold from the query before any key is read (module docstring). The picks are the same
-    whatever it holds; a good prediction saves pass 2."""
+    whatever it holds; a good prediction saves pass 2. guess_bins: "bands" (GUESS_EXACT exact bins, then
+    bands) or "exact" (GUESS_WIDE exact bins a side, then the open bins)."""
     if fuse not in ("all", "tail", "none"):
         raise ValueError(f"fuse must be 'all', 'tail' or 'none', not {fuse!r}")
     _triton.bind(globals())
@@ -961,6 +975,8 @@ def _score_select_triton(
         shift, coarse_bins = packed_shift, next_pow2(4 * coarse_packed)
     fine_bins = max(1 << shift, 2)  # the scores of one bucket
     recount_packed = 0
+    if guess_bins not in ("bands", "exact"):
+        raise ValueError(f"guess_bins must be 'bands' or 'exact', not {guess_bins!r}")
     if guess is not None:
         if guess.shape != (b, hkv) or guess.dtype != torch.float32 or not guess.is_contiguous() or guess.device != device:
             raise ValueError(f"guess must be a contiguous float32 [{b}, {hkv}] tensor on {device}, "
@@ -970,7 +986,8 @@ def _score_select_triton(
         coarse_bins = max(coarse_bins, next_pow2(GUESS_BINS))
         recount_packed = coarse_packed  # the recount's buckets are the plain pass 1's
         coarse_packed = cdiv(GUESS_BINS, 4) if coarse_packed else 0
-        fine_bins = max(fine_bins, 2 << (GUESS_BANDS - 1))
+        if guess_bins == "bands":
+            fine_bins = max(fine_bins, 2 << (GUESS_BANDS - 1))
 
     i32 = dict(dtype=torch.int32, device=device)
     # Rows of the int16 score buffer start on 128-byte boundaries whatever T is: with an odd T the
@@ -984,7 +1001,7 @@ def _score_select_triton(
     emit = torch.empty(rows, chunks, 2, **i32)
     state = torch.empty(rows, 8, **i32)
     stats = torch.empty(rows, 2, dtype=torch.float32, device=device)
-    guessing = guess is not None
+    guessing = 0 if guess is None else 1 if guess_bins == "bands" else 2
     guess = guess if guessing else stats  # unread without GUESS
     budget = plan.budget
     grid = (chunks, rows)
