@@ -29,24 +29,10 @@ import time
 import torch
 
 from spotlight_attn import SpotlightConfig, enable, load_model, shipped_hasher, load_hasher
-from spotlight_attn.kernels.pack import unpack_bits
-from spotlight_attn.kernels.score_select import GUESS_EXACT, GUESS_START
+from spotlight_attn.kernels.score_select import GUESS_EXACT, GUESS_START, shifted_scores
 from spotlight_attn.selection import selectors
 
 HALF_WIDTHS = (0, 1, 2, 4, 6, 8, 9, 12, 15)
-
-
-def shifted(query_codes: torch.Tensor, key_codes: torch.Tensor, bits: int):
-    """query codes [B, Hq, 1, W], key codes [B, Hkv, T, W] -> x [B, Hkv, T], m and s [B, Hkv]."""
-    b, hkv = key_codes.shape[:2]
-    q = unpack_bits(query_codes[:, :, 0], bits).reshape(b, hkv, -1, bits)  # [B, Hkv, G, bits]
-    group = q.shape[2]
-    par = 1 if group % 2 == 0 else 0
-    d = 2 * q.sum(2) - group  # [B, Hkv, bits]
-    w = (d.abs() >> par).float()
-    agree = unpack_bits(key_codes, bits) == (d > 0)[:, :, None]  # [B, Hkv, T, bits]
-    x = (agree.float() * w[:, :, None]).sum(-1)
-    return x, w.sum(-1) / 2, w.pow(2).sum(-1).sqrt() / 2
 
 
 def main(argv: list[str]) -> int:
@@ -76,7 +62,8 @@ def main(argv: list[str]) -> int:
         current = {"layer": None}
 
         def recording(query_codes, key_codes, key_valid, budget, bits, **kw):
-            x, m, s = shifted(query_codes, key_codes, bits)
+            x, m, s = shifted_scores(query_codes, key_codes, bits)
+            x = x.float()
             n = int(key_valid[0].sum())
             pos = torch.arange(key_codes.shape[2])
             forced = (pos < budget.sink) | (pos >= n - budget.window)

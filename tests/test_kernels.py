@@ -27,7 +27,6 @@ pytest.importorskip("triton")
 from spotlight_attn.config import Budget  # noqa: E402
 from spotlight_attn.kernels import _triton  # noqa: E402
 from spotlight_attn.kernels.pack import pack_signs, pack_signs_reference  # noqa: E402
-from spotlight_attn.kernels.pack import unpack_bits  # noqa: E402
 from spotlight_attn.kernels.score_select import (  # noqa: E402
     GUESS_START,
     _score_select_triton,
@@ -35,6 +34,7 @@ from spotlight_attn.kernels.score_select import (  # noqa: E402
     plan_select,
     score_select,
     score_select_reference,
+    shifted_scores,
 )
 from spotlight_attn.kernels.sparse_decode import (  # noqa: E402
     _sparse_decode_triton,
@@ -258,11 +258,7 @@ def shifted_thresholds(q, k, valid, budget, bits):
     """The kernel's view of each row, in torch: threshold x (the k-th best shifted score of the keys
     picked by score; NaN where none is), and the spread terms m, s of the prediction -> [B, Hkv] each."""
     b, hkv, t = k.shape[:3]
-    qb = unpack_bits(q[:, :, 0], bits).reshape(b, hkv, -1, bits)
-    group = qb.shape[2]
-    d = 2 * qb.sum(2) - group
-    w = (d.abs() >> (1 if group % 2 == 0 else 0)).float()
-    x = ((unpack_bits(k, bits) == (d > 0)[:, :, None]).float() * w[:, :, None]).sum(-1)  # [B, Hkv, T]
+    x, m, s = shifted_scores(q, k, bits)  # [B, Hkv, T], [B, Hkv] x 2
     pos = torch.arange(t)
     th = torch.full((b, hkv), float("nan"))
     for row in range(b):
@@ -273,8 +269,20 @@ def shifted_thresholds(q, k, valid, budget, bits):
         for h in range(hkv):
             need = budget.tokens_for(n, h if budget.heads else None) - int(forced.sum())
             if need > 0:
-                th[row, h] = x[row, h][candidate].topk(need).values[-1]
-    return th, w.sum(-1) / 2, w.pow(2).sum(-1).sqrt() / 2
+                th[row, h] = x[row, h][candidate].topk(need).values[-1].float()
+    return th, m, s
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_shifted_scores_rank_as_hamming_scores(group):
+    """hamming = (a row's constant) + 2^PAR x: the kernels' unit keeps the reference's order and ties."""
+    from spotlight_attn.kernels.score_select import hamming_scores
+
+    g = torch.Generator().manual_seed(group)
+    q, k = random_codes((2, 2 * group, 1), 100, g), random_codes((2, 2, 57), 100, g)
+    x, _, _ = shifted_scores(q, k, 100)
+    rest = hamming_scores(q, k, 100) - x * (2 if group % 2 == 0 else 1)
+    assert x.dtype == torch.int32 and torch.equal(rest, rest[..., :1].expand_as(rest))
 
 
 # (batch, kv heads, group, bits, length, padding, key patterns): odd lengths, GQA groups 1 to 8, ties

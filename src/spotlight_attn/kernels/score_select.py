@@ -52,7 +52,7 @@ import torch
 from spotlight_attn.config import Budget
 from spotlight_attn.kernels import _triton
 from spotlight_attn.kernels._triton import cdiv, next_pow2
-from spotlight_attn.kernels.pack import popcount
+from spotlight_attn.kernels.pack import popcount, unpack_bits
 
 triton = tl = libdevice = _sum = _max = _cumsum = None  # bound on the first launch (see _triton.py)
 
@@ -102,6 +102,20 @@ def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor, bits: int
     q = query_codes.reshape(b, hkv, group, 1, w)  # [B, Hkv, G, 1, W]
     differing = popcount(torch.bitwise_xor(q, key_codes[:, :, None]))  # [B, Hkv, G, T]
     return (group * bits - differing.sum(2)).to(torch.int32)  # [B, Hkv, T]
+
+
+def shifted_scores(query_codes: torch.Tensor, key_codes: torch.Tensor, bits: int):
+    """The kernels' own view, in torch: shifted scores x [B, Hkv, T] int32 (module docstring), which
+    rank keys as hamming_scores does, and the threshold prediction's spread terms m, s [B, Hkv] float32."""
+    b, hkv = key_codes.shape[:2]
+    group = query_group(query_codes, hkv)
+    q = unpack_bits(query_codes.reshape(b, hkv, group, -1), bits)  # [B, Hkv, G, bits]
+    d = 2 * q.sum(2) - group
+    w = (d.abs() >> (1 if group % 2 == 0 else 0)).to(torch.int32)  # [B, Hkv, bits]
+    agree = unpack_bits(key_codes, bits) == (d > 0)[:, :, None]  # [B, Hkv, T, bits]
+    x = (agree * w[:, :, None]).sum(-1).to(torch.int32)
+    weights = w.float()
+    return x, weights.sum(-1) / 2, weights.pow(2).sum(-1).sqrt() / 2
 
 
 def score_select_reference(
@@ -518,22 +532,22 @@ def _score_reduce(
     above = _sum(tl.where(bins[None, :] > bucket, counts, 0), axis=1)  # [MAXC]
     if GUESS:  # the bins of _guess_bin: GUESS_CENTER 9, GUESS_EXACT 4, GUESS_BANDS 4 (GUESS 1), GUESS_WIDE 8 (2)
         k = tl.abs(bucket - 9)
-        if GUESS == 2:
+        if GUESS == 2:  # exact bins, then the open ones: past them, the recount
             exact = k <= 8
-        else:
-            exact = k <= 4
-        j = tl.minimum(tl.maximum(k - 5, 0), 4)  # the band: widths 2 << j
-        a_lo = 3 + (2 << j)  # the band's distances from the center, [a_lo, a_hi)
-        a_hi = 3 + (4 << j)
-        up = bucket > 9
-        lo = tl.where(exact, center + bucket - 9, tl.where(up, center + a_lo, center - a_hi + 1))
-        hi = tl.where(exact, lo + 1, tl.where(up, center + a_hi, center - a_lo + 1))
-        lo = tl.maximum(lo, 0)  # padding's -1 stays outside
-        hi = tl.minimum(hi, FORCED)
-        if GUESS == 2:  # past the exact bins: the recount
+            lo = center + bucket - 9
+            hi = lo + 1
             mode = tl.where(exact | (need <= 0), 0, 2)
         else:
+            exact = k <= 4
+            j = tl.minimum(tl.maximum(k - 5, 0), 4)  # the band: widths 2 << j
+            a_lo = 3 + (2 << j)  # the band's distances from the center, [a_lo, a_hi)
+            a_hi = 3 + (4 << j)
+            up = bucket > 9
+            lo = tl.where(exact, center + bucket - 9, tl.where(up, center + a_lo, center - a_hi + 1))
+            hi = tl.where(exact, lo + 1, tl.where(up, center + a_hi, center - a_lo + 1))
             mode = tl.where(exact | (need <= 0), 0, tl.where(k - 5 < 4, 1, 2))
+        lo = tl.maximum(lo, 0)  # padding's -1 stays outside
+        hi = tl.minimum(hi, FORCED)
         tl.store(stats_ptr + row * 2, m)
         tl.store(stats_ptr + row * 2 + 1, s)
         if mode == 0:
@@ -551,6 +565,19 @@ def _score_reduce(
     tl.store(state_ptr + row * 8 + 1, need - _sum(above, axis=0))
     tl.store(state_ptr + row * 8 + 3, hi)
     tl.store(state_ptr + row * 8 + 4, mode)
+
+
+@_triton.kernel
+def _row_k(bounds_ptr, row, num_kv_heads, stride_bb, stride_bh):
+    """Keys row = b * Hkv + h reads (its k_row in the plan's bounds, [B, 3] or per head [B, Hkv, 3])."""
+    return tl.load(bounds_ptr + (row // num_kv_heads) * stride_bb + (row % num_kv_heads) * stride_bh + 2)
+
+
+@_triton.kernel
+def _last_arrival(counter, n_chunks):
+    """Count this program in at its row's counter (after its own stores); whether it arrived last."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1, sem="acq_rel") == n_chunks - 1
 
 
 @_triton.kernel
@@ -573,8 +600,7 @@ def _score_kernel(
         num_kv_heads, T, score_stride, bits, sink, window, n_chunks, chunk_blocks,
         G, W, W_PAD, G_PAD, PAR, NP, SHIFT, NBC, BT, HW_POPC, FORCED, PREFETCH, SPLIT, CP, GUESS,
     )
-    tl.debug_barrier()
-    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
+    if _last_arrival(counter_ptr + row, n_chunks):
         _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks, k_row,
                       center, m, s, SHIFT, NBC, MAXC, FORCED, GUESS)
         tl.atomic_xchg(counter_ptr + row, 0)
@@ -609,6 +635,19 @@ def _recount_counts(
 
 
 @_triton.kernel
+def _recount_reduce(
+    hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, bounds_ptr, row, n_chunks,
+    num_kv_heads, stride_bb, stride_bh, SHIFT: tl.constexpr, NBC: tl.constexpr, MAXC: tl.constexpr, FORCED: tl.constexpr,
+):
+    """The recount's end, run by the row's last chunk: the coarse bucket, as pass 1 finds it without
+    GUESS (mode 1)."""
+    zero = tl.full([], 0, tl.int32)
+    _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks,
+                  _row_k(bounds_ptr, row, num_kv_heads, stride_bb, stride_bh), zero, zero.to(tl.float32),
+                  zero.to(tl.float32), SHIFT, NBC, MAXC, FORCED, 0)
+
+
+@_triton.kernel
 def _recount_kernel(
     score_ptr, hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, bounds_ptr, counter_ptr,
     num_kv_heads, stride_bb, stride_bh, T, score_stride, n_chunks, chunk_tokens,
@@ -624,12 +663,9 @@ def _recount_kernel(
         hist = _recount_counts(score_ptr + row.to(tl.int64) * score_stride, t0, tl.minimum(t0 + chunk_tokens, T),
                                SHIFT, NBC, BT, FORCED, RP)
         tl.store(hist_ptr + (row * n_chunks + chunk) * NBC + tl.arange(0, NBC), hist)
-        tl.debug_barrier()
-        if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
-            k_row = tl.load(bounds_ptr + (row // num_kv_heads) * stride_bb + (row % num_kv_heads) * stride_bh + 2)
-            zero = tl.full([], 0, tl.int32)
-            _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks,
-                          k_row, zero, zero.to(tl.float32), zero.to(tl.float32), SHIFT, NBC, MAXC, FORCED, False)
+        if _last_arrival(counter_ptr + row, n_chunks):
+            _recount_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, bounds_ptr, row,
+                            n_chunks, num_kv_heads, stride_bb, stride_bh, SHIFT, NBC, MAXC, FORCED)
             tl.atomic_xchg(counter_ptr + row, 0)
 
 
@@ -726,8 +762,7 @@ def _refine_kernel(
         score_row = score_ptr + row.to(tl.int64) * score_stride
         fine = _refine_counts(score_row, state_ptr, row, t0, tl.minimum(t0 + chunk_tokens, T), FB, BT, PACKED)
         tl.store(fine_ptr + (row * n_chunks + chunk) * FB + tl.arange(0, FB), fine)
-        tl.debug_barrier()
-        if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel") == n_chunks - 1:
+        if _last_arrival(counter_ptr + row, n_chunks):
             _refine_reduce(fine_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row, n_chunks, FB, MAXC,
                            FORCED, GUESS)
             tl.atomic_xchg(counter_ptr + row, 0)
@@ -771,8 +806,7 @@ def _emit_chunk(
         offset += (total & 0xFFFF) + tl.maximum(ties_seen + (total >> 16) - skip, 0) - taken_before
         ties_seen += total >> 16
     if chunk == 0:
-        k_row = tl.load(bounds_ptr + (row // num_kv_heads) * stride_bb + (row % num_kv_heads) * stride_bh + 2)
-        for tail in range(k_row, k, BT):
+        for tail in range(_row_k(bounds_ptr, row, num_kv_heads, stride_bb, stride_bh), k, BT):
             slot = tail + tl.arange(0, BT)
             tl.store(out_row + slot, tl.full([BT], -1, tl.int64), mask=slot < k)
 
@@ -796,8 +830,7 @@ def _emit_kernel(
 def _row_barrier(counters, flag, n_chunks):
     """Wait for every chunk of the row; returns whether this program arrived last (it then holds the
     row while the others wait: it reduces, then calls _row_release)."""
-    tl.debug_barrier()
-    last = tl.atomic_add(counters, 1, sem="acq_rel") == n_chunks - 1
+    last = _last_arrival(counters, n_chunks)
     if not last:
         while tl.atomic_add(counters + flag, 0, sem="acquire") == 0:
             pass
@@ -860,11 +893,8 @@ def _select_kernel(
             hist = _recount_counts(score_row, t0, stop, SHIFT, NBC, BT_REFINE, FORCED, RP)
             tl.store(hist_ptr + (row * n_chunks + chunk) * NBC + tl.arange(0, NBC), hist)
             if _row_barrier(counters, 4, n_chunks):
-                k_row = tl.load(bounds_ptr + (row // num_kv_heads) * stride_bb + (row % num_kv_heads) * stride_bh + 2)
-                zero = tl.full([], 0, tl.int32)
-                _score_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, row,
-                              n_chunks, k_row, zero, zero.to(tl.float32), zero.to(tl.float32), SHIFT, NBC, MAXC,
-                              FORCED, False)
+                _recount_reduce(hist_ptr, forced_ptr, base_ptr, state_ptr, stats_ptr, guess_ptr, emit_ptr, bounds_ptr,
+                                row, n_chunks, num_kv_heads, stride_bb, stride_bh, SHIFT, NBC, MAXC, FORCED)
                 _row_release(counters, 4)
     if mode != 0:
         fine = _refine_counts(score_row, state_ptr, row, t0, stop, FB, BT_REFINE, PACKED)
@@ -878,8 +908,7 @@ def _select_kernel(
         score_row, out_ptr + row.to(tl.int64) * k, state_ptr, emit_ptr, bounds_ptr,
         row, chunk, num_kv_heads, stride_bb, stride_bh, T, k, chunk_tokens, n_chunks, BT_EMIT, FORCED, ASM_STORE,
     )
-    tl.debug_barrier()
-    if tl.atomic_add(counters + 3, 1, sem="acq_rel") == n_chunks - 1:
+    if _last_arrival(counters + 3, n_chunks):
         tl.atomic_xchg(counters + 1, 0)
         tl.atomic_xchg(counters + 2, 0)
         tl.atomic_xchg(counters + 4, 0)
