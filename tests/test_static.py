@@ -100,6 +100,28 @@ def test_partial_budget_equals_the_dynamic_path(family, method, budget, group, p
     assert not torch.equal(run(model, ids, mask)[0], tokens) or budget == 0.2  # the budget really bites
 
 
+@pytest.mark.parametrize("predict", [True, False], ids=["prediction", "SPOTLIGHT_SELECT_GUESS=0"])
+def test_static_cache_edits_keep_the_codes_and_a_prediction_buffer_per_row(predict, monkeypatch):
+    """Beam reorders and rebatches move K/V and codes row by row; score_select's prediction buffer
+    (a hint) is left by a reorder and started afresh, one row per row, by a rebatch; empty without it."""
+    monkeypatch.setattr("spotlight_attn.static_cache.GUESS_IN_CACHE", predict)
+    model = tiny_model("llama", 4, 2, 16, layers=3)
+    ids, mask = prompts()
+    sa.enable(model, None, SpotlightConfig(method="linear", budget=0.5, bits=64, cache="static"))
+    _, _, cache = run(model, ids, mask)
+    hashed = [layer for layer in cache.layers if layer.codes is not None]
+    assert hashed
+    codes = [layer.codes.clone() for layer in hashed]
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    cache.batch_repeat_interleave(2)
+    for layer, before in zip(hashed, codes):
+        assert torch.equal(layer.codes, before[[2, 2, 1, 1]])
+        rows = 4 if predict else 0
+        assert torch.equal(layer.select_guess, new_guess(rows, before.shape[1], layer.codes.device))
+    sa.disable(model)
+
+
 def test_generate_features_on_the_static_path():
     model = tiny_model("qwen2", 4, 2, 16, layers=3)
     tokenizer = tiny_tokenizer(model.config.vocab_size)

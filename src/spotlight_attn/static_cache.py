@@ -12,8 +12,9 @@ Per layer:
   layout transformers' attention functions take.
 - codes [B, Hkv, T_max, W] int32 on hash layers: each key is hashed once, as it enters: by update()
   in a prefill, by the attention step in a decode step (with the query, in one pass: defers_codes).
-- select_guess [B, Hkv] float32 on hash layers: score_select's prediction of each row's threshold,
-  carried from step to step (kernels/score_select.py); a hint that saves work, never changes a pick.
+- select_guess [B, Hkv] float32 on hash layers ([0, Hkv] with SPOTLIGHT_SELECT_GUESS=0): score_select's
+  prediction of each row's threshold, carried from step to step (kernels/score_select.py); a hint that
+  saves work and never changes a pick, so beam reorders leave it and a rebatch starts it afresh.
 - lengths [B] int64: keys held per row. Row b's tokens sit at [0, lengths[b]) whatever its padding:
   a prefill writes only real tokens, packed. generate() numbers positions by the padding mask's
   cumsum, so a token's RoPE position is its packed index.
@@ -195,9 +196,7 @@ class SpotlightStaticLayer(CacheLayerMixin):
 
     def _buffers(self) -> list[torch.Tensor]:
         # lengths, not seen: beams reorder rows, and every row has seen the same columns
-        hashed = [self.codes] if self.codes is not None else []
-        hashed += [self.select_guess] if self.select_guess is not None and self.select_guess.numel() else []
-        return [self.k_by_token, self.v_by_token, self.lengths] + hashed
+        return [self.k_by_token, self.v_by_token, self.lengths] + ([self.codes] if self.codes is not None else [])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: rows follow beam_idx, in place (the buffers keep their addresses)."""
@@ -209,7 +208,7 @@ class SpotlightStaticLayer(CacheLayerMixin):
     def _rebatch(self, fn) -> None:
         if not self.is_initialized:
             return
-        old = {name: getattr(self, name) for name in ("k_by_token", "v_by_token", "lengths", "codes", "select_guess")}
+        old = {name: getattr(self, name) for name in ("k_by_token", "v_by_token", "lengths", "codes")}
         b, _, hkv, d = fn(old["k_by_token"]).shape
         seen = self.seen.clone()
         self._allocate(b, hkv, d, old["v_by_token"].shape[-1], self.dtype, self.device)
