@@ -10,6 +10,9 @@
 #             weights as constants, so inductor concatenates q/k/v and gate/up into one GEMM each)
 #   unfused128, unfused512  the dense, SimHash and learned-hash-shape rows with --no-fuse-projections (q/k/v and
 #             gate/up as separate GEMMs, as before gen27), 128K x 6 and 512K x 1
+#   guess128, guess512  the learned-hash shape with each score_select threshold prediction of GUESS_ROWS
+#             (default "bands 0 exact": SPOTLIGHT_SELECT_GUESS's settings), the first beside dense
+#             (GUESS_DENSE=0 leaves dense out), at 128K x 6 / 512K x 1
 #   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
@@ -60,6 +63,14 @@ for phase in "$@"; do
     shape="--context 128K --batch 6"; name=llama3_128k_x6; [ $phase = unfused512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
     bench --shape llama3-8b $shape --budget 0.02 --hasher linear,mlp --baselines dense --no-fuse-projections \
         --json "$OUT/${name}_unfused.json" | tee "$log" ;;
+  guess128|guess512)
+    shape="--context 128K --batch 6"; name=llama3_128k_x6; [ $phase = guess512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
+    baselines=dense; [ "${GUESS_DENSE:-1}" = 0 ] && baselines=''
+    for setting in ${GUESS_ROWS:-bands 0 exact}; do
+      SPOTLIGHT_SELECT_GUESS=$setting bench --shape llama3-8b $shape --budget 0.02 --hasher mlp --baselines "$baselines" \
+          --json "$OUT/${name}_guess_$setting.json" | sed "s/mlp 2%/mlp 2% guess=$setting/"
+      baselines=''
+    done | tee "$log" ;;
   torch128)
     SPOTLIGHT_FUSED_HASH=0 bench --shape llama3-8b --context 128K --batch 6 --budget 0.02 --hasher linear,mlp \
         --baselines dense --json "$OUT/llama3_128k_x6_torch_hash.json" | tee "$log" ;;

@@ -32,11 +32,12 @@ for b, hkv, group, bits, t in [(6, 8, 4, 128, 131136), (1, 8, 4, 128, 70001), (2
         plan = plan_select(valid.cuda(), budget, hkv)
         got = _score_select_triton(q.cuda(), k.cuda(), plan, bits).cpu()
         ok &= torch.equal(got, expected)
-        guess = new_guess(b, hkv, "cuda")
-        for step in range(4):
-            if step == 3:
-                guess.fill_(90.0)
-            got = _score_select_triton(q.cuda(), k.cuda(), plan, bits, guess=guess).cpu()
-            ok &= torch.equal(got, expected)
+        for bins in ("bands", "exact"):
+            guess = new_guess(b, hkv, "cuda")
+            for step in range(4):
+                if step == 3:
+                    guess.fill_(90.0)
+                got = _score_select_triton(q.cuda(), k.cuda(), plan, bits, guess=guess, guess_bins=bins).cpu()
+                ok &= torch.equal(got, expected)
 print("GPU score_select equals the reference:", ok)
 sys.exit(0 if ok else 1)

@@ -357,6 +357,20 @@ def test_score_select_guess_per_head_budgets_and_bad_buffers():
         _score_select_triton(q.to(DEVICE), k.to(DEVICE), plan, bits, guess=guess, guess_bins="wide")
 
 
+@pytest.mark.parametrize("setting,bins", [("exact", "exact"), ("1", "bands"), ("0", None), ("wide", "error")])
+def test_select_guess_setting_from_the_environment(setting, bins):
+    import subprocess
+    import sys
+
+    probe = "from spotlight_attn.kernels import score_select as s; print(s.GUESS_IN_CACHE and s.GUESS_BINS_IN_CACHE)"
+    env = dict(os.environ, SPOTLIGHT_SELECT_GUESS=setting)
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    if bins == "error":
+        assert run.returncode != 0 and "SPOTLIGHT_SELECT_GUESS must be bands, exact or 0, not 'wide'" in run.stderr
+    else:
+        assert run.returncode == 0 and run.stdout.strip() == str(bins or False)
+
+
 def test_score_select_falls_back_when_valid_keys_have_holes():
     g = torch.Generator().manual_seed(0)
     q, k = random_codes((2, 4, 1), 64, g), random_codes((2, 2, 50), 64, g)

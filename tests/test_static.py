@@ -284,8 +284,10 @@ def _random_codes(b, h, t, w, g):
     return torch.randint(-(2**31), 2**31 - 1, (b, h, t, w), generator=g, dtype=torch.int64).to(torch.int32)
 
 
+@pytest.mark.parametrize("bins", ["bands", "exact"], ids=["SPOTLIGHT_SELECT_GUESS=bands", "exact"])
 @pytest.mark.parametrize("b,hq,hkv,t,bits", [(1, 4, 4, 37, 64), (3, 6, 2, 97, 128), (2, 8, 1, 130, 32)])
-def test_score_select_op_equals_the_reference_row_by_row(b, hq, hkv, t, bits):
+def test_score_select_op_equals_the_reference_row_by_row(b, hq, hkv, t, bits, bins, monkeypatch):
+    monkeypatch.setattr("spotlight_attn.kernels.score_select.GUESS_BINS_IN_CACHE", bins)
     g = torch.Generator().manual_seed(b * t)
     w = bits // 32
     q, codes = _random_codes(b, hq, 1, w, g), _random_codes(b, hkv, t, w, g) & 0x0F0F0F0F  # many ties

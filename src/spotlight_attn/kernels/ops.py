@@ -40,16 +40,20 @@ def score_select_op(
     last), key_codes [B, Hkv, T, W] int32, bounds [B, 3] or per KV head [B, Hkv, 3] int32 (valid run
     start, end, keys to read: kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails.
     guess [B, Hkv] float32: the kernel's per-row threshold prediction, updated in place
-    (score_select.new_guess), or an empty tensor for none; the reference ignores it. The picks do
+    (score_select.new_guess; bins as SPOTLIGHT_SELECT_GUESS says), or an empty tensor for none; the
+    reference ignores it. The picks do
     not depend on it. (A tensor, never None: torch 2.11's in-place bookkeeping of custom ops indexes
     past the arguments for a mutated optional left at None.)"""
-    from spotlight_attn.kernels.score_select import SelectPlan, _score_select_triton, kernel_serves, query_group
+    from spotlight_attn.kernels.score_select import (
+        GUESS_BINS_IN_CACHE, SelectPlan, _score_select_triton, kernel_serves, query_group,
+    )
 
     budget = Budget(0, min_tokens=0, sink=sink, window=window)
     group = query_group(query_codes, key_codes.shape[1])
     if _use((query_codes, key_codes, bounds), use_kernel) and kernel_serves(group, bits):
         plan = SelectPlan(budget, k, (k,) * bounds.shape[0], bounds, True)
-        return _score_select_triton(query_codes, key_codes, plan, bits, guess=guess if guess.numel() else None)
+        return _score_select_triton(query_codes, key_codes, plan, bits, guess=guess if guess.numel() else None,
+                                    guess_bins=GUESS_BINS_IN_CACHE)
     return _score_select_rows_reference(query_codes, key_codes, bounds, k, bits, budget)
 
 

@@ -69,9 +69,14 @@ GUESS_BINS = 2 * GUESS_CENTER + 1  # 19: five packed counters of four 8-bit fiel
 # (three instructions a key in pass 1 instead of twelve; a miss takes the recount). Not yet timed.
 GUESS_WIDE = GUESS_CENTER - 1
 GUESS_START = 2.0  # the residual a row starts from (about the 2% point of a normal spread)
-# The static cache keeps a prediction buffer per hash layer unless SPOTLIGHT_SELECT_GUESS=0 (for A/B
+# The static cache keeps a prediction buffer per hash layer and the op counts GUESS_BINS_IN_CACHE's bins
+# around it: SPOTLIGHT_SELECT_GUESS=bands (the default; 1 too) or exact, or 0 for no prediction (for A/B
 # timing: the picks are the same either way).
-GUESS_IN_CACHE = os.environ.get("SPOTLIGHT_SELECT_GUESS", "1") != "0"
+_GUESS_SETTING = os.environ.get("SPOTLIGHT_SELECT_GUESS", "bands").strip().lower()
+if _GUESS_SETTING not in ("0", "1", "bands", "exact"):
+    raise ValueError(f"SPOTLIGHT_SELECT_GUESS must be bands, exact or 0, not {_GUESS_SETTING!r}")
+GUESS_IN_CACHE = _GUESS_SETTING != "0"
+GUESS_BINS_IN_CACHE = "exact" if _GUESS_SETTING == "exact" else "bands"
 COUNTERS = 5  # per row in the fused kernel: arrivals, flag 1, flag 2, departures, recount flag
 
 
