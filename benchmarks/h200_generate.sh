@@ -12,7 +12,7 @@
 #             gate/up as separate GEMMs, as before gen27), 128K x 6 and 512K x 1
 #   guess128, guess512  the learned-hash shape with each score_select threshold prediction of GUESS_ROWS
 #             (default "bands 0 exact": SPOTLIGHT_SELECT_GUESS's settings), the first beside dense
-#             (GUESS_DENSE=0 leaves dense out), at 128K x 6 / 512K x 1
+#             (GUESS_DENSE=0 leaves dense out), at 128K x 6 (GUESS_BATCH=3 for an H100) / 512K x 1
 #   torch128  as llama128 with the hash through torch, not the fused kernel (SPOTLIGHT_FUSED_HASH=0; dense, SimHash, learned-hash shape)
 #   real      the real SmolLM2-135M (call 2: the GGUF's second half), 8K prompts, batch 1 and 32
 #   profile   where a step's time goes at 128K x 6 (benchmarks/profile_generate.py)
@@ -64,7 +64,8 @@ for phase in "$@"; do
     bench --shape llama3-8b $shape --budget 0.02 --hasher linear,mlp --baselines dense --no-fuse-projections \
         --json "$OUT/${name}_unfused.json" | tee "$log" ;;
   guess128|guess512)
-    shape="--context 128K --batch 6"; name=llama3_128k_x6; [ $phase = guess512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
+    b=${GUESS_BATCH:-6}; shape="--context 128K --batch $b"; name=llama3_128k_x$b
+    [ $phase = guess512 ] && shape="--context 512K --batch 1" && name=llama3_512k_x1
     baselines=dense; [ "${GUESS_DENSE:-1}" = 0 ] && baselines=''
     for setting in ${GUESS_ROWS:-bands 0 exact}; do
       SPOTLIGHT_SELECT_GUESS=$setting bench --shape llama3-8b $shape --budget 0.02 --hasher mlp --baselines "$baselines" \

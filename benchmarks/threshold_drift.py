@@ -8,7 +8,9 @@ in the kernel's shifted score unit x (kernels/score_select.py's docstring):
   prev      the row's threshold at the previous step;
   residual  m + r_prev * s, where m = sum(w) / 2 and s = sqrt(sum(w^2)) / 2 are the mean and spread
             x would have over keys of random bits (w: the query group's per-bit weights |d| >> PAR,
-            known before any key is read), and r_prev = (threshold - m) / s at the previous step.
+            known before any key is read), and r_prev = (threshold - m) / s at the previous step;
+  smooth    m + r * s with r a running mean of the residuals, r <- r + a (r_step - r) after the first
+            (--smooth a, default GUESS_SMOOTH): what the kernel keeps.
 
     PYTHONPATH=src python benchmarks/threshold_drift.py --pack kjv-4112.safetensors --budgets 0.1,0.02
 
@@ -29,7 +31,7 @@ import time
 import torch
 
 from spotlight_attn import SpotlightConfig, enable, load_model, shipped_hasher, load_hasher
-from spotlight_attn.kernels.score_select import GUESS_EXACT, GUESS_START, shifted_scores
+from spotlight_attn.kernels.score_select import GUESS_EXACT, GUESS_SMOOTH, GUESS_START, shifted_scores
 from spotlight_attn.selection import selectors
 
 HALF_WIDTHS = (0, 1, 2, 4, 6, 8, 9, 12, 15)
@@ -42,6 +44,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt", type=int, default=4096)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--budgets", default="0.1,0.02")
+    parser.add_argument("--smooth", type=float, default=GUESS_SMOOTH, help="weight of the newest residual in 'smooth'")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -87,12 +90,16 @@ def main(argv: list[str]) -> int:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new + 1, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
             for (layer, h), seq in trace.items():
-                r = GUESS_START
+                r = smooth = GUESS_START
+                fresh = True
                 for (t0, m0, s0), (t1, m1, s1) in zip(seq, seq[1:]):
                     if s0 > 0:  # the kernel keeps r where s is 0 (no spread: every key scores the same)
                         r = (t0 - m0) / s0
-                    rows.append(dict(budget=budget_amount, chunk=c, layer=layer, head=h, threshold=t1,
-                                     prev=t0, residual=math.floor(m1 + r * s1 + 0.5)))
+                        smooth = r if fresh else smooth + args.smooth * (r - smooth)  # as the kernel does
+                        fresh = False
+                    rows.append(dict(budget=budget_amount, chunk=c, layer=layer, head=h, threshold=t1, m=m1, s=s1,
+                                     prev=t0, residual=math.floor(m1 + r * s1 + 0.5),
+                                     smooth=math.floor(m1 + smooth * s1 + 0.5)))
             print(f"budget {budget_amount}: chunk {c + 1}/{tokens.shape[0]} ({time.time() - start:.0f} s)", file=sys.stderr)
         selectors.score_select = plain
         selectors.HashSelector.select = plain_select
@@ -102,7 +109,7 @@ def main(argv: list[str]) -> int:
     print("|---|---|---:|" + "---:|" * (len(HALF_WIDTHS) + 3))
     for budget_amount in sorted({r["budget"] for r in rows}, reverse=True):
         sel = [r for r in rows if r["budget"] == budget_amount]
-        for pred in ("prev", "residual"):
+        for pred in ("prev", "residual", "smooth"):
             miss = [abs(r["threshold"] - r[pred]) for r in sel]
             cells = " | ".join(f"{sum(d <= h for d in miss) / len(miss):.3f}" for h in HALF_WIDTHS)
             exact = sum(d <= GUESS_EXACT for d in miss) / len(miss)

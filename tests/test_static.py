@@ -118,7 +118,7 @@ def test_static_cache_edits_keep_the_codes_and_a_prediction_buffer_per_row(predi
     for layer, before in zip(hashed, codes):
         assert torch.equal(layer.codes, before[[2, 2, 1, 1]])
         rows = 4 if predict else 0
-        assert torch.equal(layer.select_guess, new_guess(rows, before.shape[1], layer.codes.device))
+        assert layer.select_guess.shape == (rows, before.shape[1]) and layer.select_guess.isnan().all()  # fresh
     sa.disable(model)
 
 
@@ -311,7 +311,7 @@ def test_score_select_op_equals_the_reference_row_by_row(b, hq, hkv, t, bits, bi
             for _ in range(2):  # the second call starts from what the first left
                 assert torch.equal(ops.score_select_op(q, codes, bounds, k, bits, budget.sink, budget.window, guess, 1), got)
             if budget.amount == 0.2:
-                assert not torch.equal(guess, new_guess(b, hkv, "cpu"))  # updated in place
+                assert not guess.isnan().all()  # updated in place
 
 
 def test_sparse_and_dense_decode_ops_equal_their_references():

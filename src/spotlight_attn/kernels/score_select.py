@@ -33,8 +33,8 @@ popcounts per word instead of G (2 instead of 4 for G = 4).
 A predicted threshold (`guess`, one float per row kept from step to step) lets pass 1 settle it
 alone most of the time. Over keys of random bits x would have mean m = sum_i w_i / 2 and spread
 s = sqrt(sum_i w_i^2) / 2 (w_i = |d_i| >> PAR, known from the query before any key is read); a row
-keeps r = (threshold - m) / s from its last step, and pass 1 counts exact bins for the GUESS_EXACT
-scores either side of c = round(m + r s), then bands of 2, 4, 8 and 16 scores, then one open bin
+keeps a running mean r of its residuals (threshold - m) / s (GUESS_SMOOTH), and pass 1 counts exact
+bins for the GUESS_EXACT scores either side of c = round(m + r s), then bands of 2, 4, 8 and 16 scores, then one open bin
 a side. When the k-th best score falls in an exact bin, pass 1's counts give the threshold and the
 tie quotas, and pass 2 does not run (mode 0); in a band, pass 2 counts inside it as it does a
 coarse bucket (mode 1); in an open bin, the keys are recounted in coarse buckets first (mode 2).
@@ -68,7 +68,10 @@ GUESS_BINS = 2 * GUESS_CENTER + 1  # 19: five packed counters of four 8-bit fiel
 # guess_bins="exact": the same 19 bins as exact scores c - 8 .. c + 8 and one open bin a side, no bands
 # (three instructions a key in pass 1 instead of twelve; a miss takes the recount). Not yet timed.
 GUESS_WIDE = GUESS_CENTER - 1
-GUESS_START = 2.0  # the residual a row starts from (about the 2% point of a normal spread)
+GUESS_START = 2.0  # the residual a fresh row (NaN) predicts from (about the 2% point of a normal spread)
+# Each step moves a row's residual this far towards the one it just measured (a running mean, which
+# predicts the real model's next threshold better than the last residual alone: kernels-notes.md).
+GUESS_SMOOTH = 0.4
 # The static cache keeps a prediction buffer per hash layer and the op counts GUESS_BINS_IN_CACHE's bins
 # around it: SPOTLIGHT_SELECT_GUESS=bands (the default; 1 too) or exact, or 0 for no prediction (for A/B
 # timing: the picks are the same either way).
@@ -505,9 +508,13 @@ def _split_ties(emit_ptr, row, n_chunks, c, c_ok, settled, tied, ties_taken):
 
 @_triton.kernel
 def _update_guess(guess_ptr, row, threshold, need, m, s):
-    """The row's residual r = (threshold - m) / s for the next step's prediction (GUESS)."""
+    """The row's running residual for the next step's prediction (GUESS): r += GUESS_SMOOTH (r_step - r)
+    with r_step = (threshold - m) / s, or r = r_step on a fresh row (NaN). (0.4 written out: the kernels
+    take no float globals.)"""
     if (need > 0) & (s > 0):
-        tl.store(guess_ptr + row, (threshold.to(tl.float32) - m) / s)
+        old = tl.load(guess_ptr + row, cache_modifier=".cg")
+        step = (threshold.to(tl.float32) - m) / s
+        tl.store(guess_ptr + row, tl.where(old == old, old + 0.4 * (step - old), step))
 
 
 @_triton.kernel
@@ -1095,8 +1102,9 @@ def _score_select_triton(
 
 
 def new_guess(batch: int, num_kv_heads: int, device: torch.device | str) -> torch.Tensor:
-    """A fresh per-row residual buffer for score_select's `guess` (every row at GUESS_START)."""
-    return torch.full((batch, num_kv_heads), GUESS_START, dtype=torch.float32, device=device)
+    """A fresh per-row residual buffer for score_select's `guess`: NaN, a row with no residual yet, which
+    predicts from GUESS_START and then keeps the first residual it measures."""
+    return torch.full((batch, num_kv_heads), float("nan"), dtype=torch.float32, device=device)
 
 
 def _shift_below(x_max: int, bins: int) -> int:
