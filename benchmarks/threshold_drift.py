@@ -90,16 +90,16 @@ def main(argv: list[str]) -> int:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new + 1, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
             for (layer, h), seq in trace.items():
-                r = smooth = GUESS_START
-                fresh = True
+                r = GUESS_START
+                smooth = math.nan  # as the kernel's buffer: NaN until the row measures a residual
                 for (t0, m0, s0), (t1, m1, s1) in zip(seq, seq[1:]):
                     if s0 > 0:  # the kernel keeps r where s is 0 (no spread: every key scores the same)
                         r = (t0 - m0) / s0
-                        smooth = r if fresh else smooth + args.smooth * (r - smooth)  # as the kernel does
-                        fresh = False
+                        smooth = r if math.isnan(smooth) else smooth + args.smooth * (r - smooth)
+                    kept = GUESS_START if math.isnan(smooth) else smooth
                     rows.append(dict(budget=budget_amount, chunk=c, layer=layer, head=h, threshold=t1, m=m1, s=s1,
                                      prev=t0, residual=math.floor(m1 + r * s1 + 0.5),
-                                     smooth=math.floor(m1 + smooth * s1 + 0.5)))
+                                     smooth=math.floor(m1 + kept * s1 + 0.5)))
             print(f"budget {budget_amount}: chunk {c + 1}/{tokens.shape[0]} ({time.time() - start:.0f} s)", file=sys.stderr)
         selectors.score_select = plain
         selectors.HashSelector.select = plain_select

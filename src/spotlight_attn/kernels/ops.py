@@ -41,9 +41,8 @@ def score_select_op(
     start, end, keys to read: kernels/score_select.plan_from_lengths) -> indices [B, Hkv, k] int64, -1 tails.
     guess [B, Hkv] float32: the kernel's per-row threshold prediction, updated in place
     (score_select.new_guess; bins as SPOTLIGHT_SELECT_GUESS says), or an empty tensor for none; the
-    reference ignores it. The picks do
-    not depend on it. (A tensor, never None: torch 2.11's in-place bookkeeping of custom ops indexes
-    past the arguments for a mutated optional left at None.)"""
+    reference ignores it. The picks do not depend on it. (A tensor, never None: torch 2.11's in-place
+    bookkeeping of custom ops indexes past the arguments for a mutated optional left at None.)"""
     from spotlight_attn.kernels.score_select import (
         GUESS_BINS_IN_CACHE, SelectPlan, _score_select_triton, kernel_serves, query_group,
     )

@@ -34,8 +34,8 @@ A predicted threshold (`guess`, one float per row kept from step to step) lets p
 alone most of the time. Over keys of random bits x would have mean m = sum_i w_i / 2 and spread
 s = sqrt(sum_i w_i^2) / 2 (w_i = |d_i| >> PAR, known from the query before any key is read); a row
 keeps a running mean r of its residuals (threshold - m) / s (GUESS_SMOOTH), and pass 1 counts exact
-bins for the GUESS_EXACT scores either side of c = round(m + r s), then bands of 2, 4, 8 and 16 scores, then one open bin
-a side. When the k-th best score falls in an exact bin, pass 1's counts give the threshold and the
+bins for the GUESS_EXACT scores either side of c = round(m + r s), then bands of 2, 4, 8 and 16
+scores, then one open bin a side. When the k-th best score falls in an exact bin, pass 1's counts give the threshold and the
 tie quotas, and pass 2 does not run (mode 0); in a band, pass 2 counts inside it as it does a
 coarse bucket (mode 1); in an open bin, the keys are recounted in coarse buckets first (mode 2).
 The picks never depend on the prediction, only the work does. docs/kernels-notes.md, "Predicted
