@@ -7,7 +7,9 @@ position 1024): `depth4` (four residual blocks instead of two) and `realq_traine
 the real-valued query hash against soft key codes, the scoring `metrics --real-query` measures);
 `chunks16` (16 training chunks instead of 8); `pydocs` (the Python docs' prose instead of code);
 `stdlib_pydocs` (8 chunks of each); `list`, `list_wide`, `list_deep`: the listwise loss alone (the shipped
-hasher's loss) at the shipped shape, at hidden width 128, and with four blocks, on 2 chunks each of 4 sources.
+hasher's loss) at the shipped shape, at hidden width 128, and with four blocks, on 2 chunks each of 4 sources;
+`list_scale2`, `list_scale3`, `list_gain4`, `list_gain16`: `list` with the draft softmax's scale at 2 or 3
+(default 4) or the soft sign's gain at 4 or 16 (default 8).
 Trained with the streaming trainer (only LAYERS train; the forward still reads every layer). The
 figures in docs/TRAINING.md came from the earlier, spilling trainer, whose data order differs. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
 chunk past position 2048) at 10% and 2%, each hasher scored by Hamming and by real-valued query.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,6 +56,11 @@ VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, 
     "list": (dict(sampling=LISTWISE), soft_codes, MIX, 2),
     "list_wide": (dict(sampling=LISTWISE, width=128), soft_codes, MIX, 2),
     "list_deep": (dict(sampling=LISTWISE, depth=4), soft_codes, MIX, 2),
+    # the listwise loss's two sharpness settings: the draft softmax's scale (default 4) and the soft sign's gain (8)
+    "list_scale2": (dict(sampling=replace(LISTWISE, list_scale=2.0)), soft_codes, MIX, 2),
+    "list_gain4": (dict(sampling=replace(LISTWISE, gain=4.0)), soft_codes, MIX, 2),
+    "list_gain16": (dict(sampling=replace(LISTWISE, gain=16.0)), soft_codes, MIX, 2),
+    "list_scale3": (dict(sampling=replace(LISTWISE, list_scale=3.0)), soft_codes, MIX, 2),
 }
 
 
