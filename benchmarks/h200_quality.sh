@@ -60,16 +60,18 @@ hasher_file() {  # a CANDIDATES name=file pair -> its file; a variant's name -> 
 }
 flags() {  # training flags of a variant
   case $1 in
-  pairs) echo "" ;;
-  list) echo "--listwise 1" ;;
-  mix) echo "--listwise 0.5" ;;
-  w128) echo "--width 128" ;;
-  b64) echo "--bits 64" ;;
-  long) echo "--listwise 1 --steps 960 --chunks 480" ;;  # twice the steps, over all 960 chunks of the pack
-  list64) echo "--listwise 1 --bits 64" ;;
+  pairs) echo "--listwise 0" ;;
+  list) echo "--listwise 1 --list-scale 4" ;;
+  mix) echo "--listwise 0.5 --list-scale 4" ;;
+  w128) echo "--listwise 0 --width 128" ;;
+  b64) echo "--listwise 0 --bits 64" ;;
+  long) echo "--listwise 1 --list-scale 4 --steps 960 --chunks 480" ;;  # twice the steps, over all 960 chunks of the pack (shipped)
+  long2) echo "--listwise 1 --list-scale 2 --steps 960 --chunks 480" ;;  # long with the softer listwise softmax (the default since)
+  long64) echo "--listwise 1 --list-scale 2 --steps 960 --chunks 480 --bits 64" ;;  # long2 at 64 bits: the moonshot
+  list64) echo "--listwise 1 --list-scale 4 --bits 64" ;;
   scale8) echo "--listwise 1 --list-scale 8" ;;
-  wide) echo "--listwise 1 --steps 960 --chunks 480 --width 128" ;;  # long with hidden width 128 instead of 64
-  deep) echo "--listwise 1 --steps 960 --chunks 480 --depth 4" ;;  # long with 4 residual blocks instead of 2
+  wide) echo "--listwise 1 --list-scale 4 --steps 960 --chunks 480 --width 128" ;;  # long with hidden width 128 instead of 64
+  deep) echo "--listwise 1 --list-scale 4 --steps 960 --chunks 480 --depth 4" ;;  # long with 4 residual blocks instead of 2
   *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }

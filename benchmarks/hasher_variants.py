@@ -8,7 +8,7 @@ the real-valued query hash against soft key codes, the scoring `metrics --real-q
 `chunks16` (16 training chunks instead of 8); `pydocs` (the Python docs' prose instead of code);
 `stdlib_pydocs` (8 chunks of each); `list`, `list_wide`, `list_deep`: the listwise loss alone (the shipped
 hasher's loss) at the shipped shape, at hidden width 128, and with four blocks, on 2 chunks each of 4 sources;
-`list_scale2`, `list_scale3`, `list_gain4`, `list_gain16`: `list` with the draft softmax's scale at 2 or 3
+`list_scale0.5` ... `list_scale3`, `list_gain4`, `list_gain16`: `list` with the draft softmax's scale at 0.5-3
 (default 4) or the soft sign's gain at 4 or 16 (default 8).
 Trained with the streaming trainer (only LAYERS train; the forward still reads every layer). The
 figures in docs/TRAINING.md came from the earlier, spilling trainer, whose data order differs. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
@@ -45,7 +45,7 @@ def real_query_codes(hasher, layer, queries, keys, sampling):
 
 
 MIX = ["stdlib", "pydocs", "manpages", "linux-doc"]
-LISTWISE = PairSampling(gain=8.0, min_position=1024, listwise=1.0)
+LISTWISE = PairSampling(gain=8.0, min_position=1024, listwise=1.0, list_scale=4.0)  # the shipped hasher's loss
 VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, chunks from each)
     "depth4": (dict(depth=4), soft_codes, ["stdlib"], 8),
     "realq_trained": ({}, real_query_codes, ["stdlib"], 8),
@@ -61,6 +61,9 @@ VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, 
     "list_gain4": (dict(sampling=replace(LISTWISE, gain=4.0)), soft_codes, MIX, 2),
     "list_gain16": (dict(sampling=replace(LISTWISE, gain=16.0)), soft_codes, MIX, 2),
     "list_scale3": (dict(sampling=replace(LISTWISE, list_scale=3.0)), soft_codes, MIX, 2),
+    "list_scale1.5": (dict(sampling=replace(LISTWISE, list_scale=1.5)), soft_codes, MIX, 2),
+    "list_scale1": (dict(sampling=replace(LISTWISE, list_scale=1.0)), soft_codes, MIX, 2),
+    "list_scale0.5": (dict(sampling=replace(LISTWISE, list_scale=0.5)), soft_codes, MIX, 2),
 }
 
 

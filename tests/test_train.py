@@ -404,6 +404,19 @@ def test_data_parallel_gloo_matches_single_process(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
 
 
+def test_cli_train_defaults_to_the_listwise_loss_at_pairsampling_scale():
+    """`spotlight train` with no loss flags trains the listwise loss alone, at PairSampling's list scale."""
+    import argparse
+
+    from spotlight_attn.cli import train_cmd
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--model", "m", "--data", "d", "--out", "h.safetensors"])
+    assert args.listwise == 1.0
+    assert args.list_scale == PairSampling().list_scale == 2.0
+
+
 @pytest.mark.slow
 def test_cli_train_small_corpus_real_model(tmp_path):
     """`spotlight train` on a small offline corpus with the real model: a few steps, and the output loads."""

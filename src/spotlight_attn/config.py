@@ -227,7 +227,7 @@ class PairSampling:
     straight_through: bool = False  # hard sign codes forward, soft-sign gradient backward
     gain: float = 64.0  # soft sign s = g h / (1 + |g h|)
     listwise: float = 0.0  # weight of the listwise loss (KL from the attention to the draft's softmax): 0 = pairs only, 1 = list only
-    list_scale: float = 4.0  # the draft's softmax is over list_scale * (draft standardised per query)
+    list_scale: float = 2.0  # the draft's softmax is over list_scale * (draft standardised per query); 2 beat 4 (docs/TRAINING.md)
 
     def __post_init__(self):
         if self.num_hard > self.num_other:
