@@ -9,7 +9,9 @@ the real-valued query hash against soft key codes, the scoring `metrics --real-q
 `stdlib_pydocs` (8 chunks of each); `list`, `list_wide`, `list_deep`: the listwise loss alone (the shipped
 hasher's loss) at the shipped shape, at hidden width 128, and with four blocks, on 2 chunks each of 4 sources;
 `list_scale0.5` ... `list_scale3`, `list_gain4`, `list_gain16`: `list` with the draft softmax's scale at 0.5-3
-(default 4) or the soft sign's gain at 4 or 16 (default 8).
+(4 in `list`) or the soft sign's gain at 4 or 16 (8 in `list`); `list64`, `list64_scale2`: `list` at 64 bits,
+at scale 4 and 2. `--simhash 1024` adds SimHash references; `--reuse` evaluates the hashers an earlier run
+left in hasher-variants/ instead of training them again.
 Trained with the streaming trainer (only LAYERS train; the forward still reads every layer). The
 figures in docs/TRAINING.md came from the earlier, spilling trainer, whose data order differs. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
 chunk past position 2048) at 10% and 2%, each hasher scored by Hamming and by real-valued query.
@@ -28,9 +30,9 @@ import torch
 import spotlight_attn.train.loss as loss_module
 from spotlight_attn.config import PairSampling, TrainConfig
 from spotlight_attn.data import load_chunks
-from spotlight_attn.hashing import load_hasher
+from spotlight_attn.hashing import LinearHasher, load_hasher
 from spotlight_attn.metrics import evaluate_retrieval, format_table
-from spotlight_attn.models import load_model
+from spotlight_attn.models import ModelGeometry, load_model
 from spotlight_attn.train import train_hasher
 
 LAYERS = [3, 13, 23]
@@ -64,12 +66,18 @@ VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, 
     "list_scale1.5": (dict(sampling=replace(LISTWISE, list_scale=1.5)), soft_codes, MIX, 2),
     "list_scale1": (dict(sampling=replace(LISTWISE, list_scale=1.0)), soft_codes, MIX, 2),
     "list_scale0.5": (dict(sampling=replace(LISTWISE, list_scale=0.5)), soft_codes, MIX, 2),
+    "list64": (dict(sampling=LISTWISE, bits=64), soft_codes, MIX, 2),
+    "list64_scale2": (dict(sampling=replace(LISTWISE, list_scale=2.0), bits=64), soft_codes, MIX, 2),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["depth4", "realq_trained"])
+    parser.add_argument("--reuse", action="store_true",
+                        help="load a variant's hasher-variants/NAME.safetensors where an earlier run of this script left it, instead of training")
+    parser.add_argument("--simhash", type=int, nargs="*", default=[], metavar="BITS",
+                        help="SimHash references of these widths beside the shipped hasher (e.g. 1024)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model("smollm2-135m", device="cpu")
@@ -80,6 +88,10 @@ def main() -> None:
         # the training chunks as `spotlight train --data ...` cuts them
         chunks = torch.cat([load_chunks(spec, tokenizer, 4096, num_chunks, split="train", seed=0) for spec in corpora])
         out = Path("hasher-variants") / f"{name}.safetensors"
+        if args.reuse and out.is_file():
+            hashers[name] = load_hasher(out, model)
+            print(f"reused {out}", flush=True)
+            continue
         out.parent.mkdir(exist_ok=True)
         out.unlink(missing_ok=True)
         loss_module.soft_codes = codes  # ranking_loss looks soft_codes up in its module
@@ -91,6 +103,8 @@ def main() -> None:
         print(f"train {name}: {time.perf_counter() - start:.0f} s", flush=True)
         hashers[name] = load_hasher(out, model)
     hashers["shipped"] = load_hasher(SHIPPED, model)
+    for bits in args.simhash:
+        hashers[f"simhash{bits}"] = LinearHasher(ModelGeometry.from_model(model), bits=bits, layers=LAYERS)
     heldout = load_chunks("kjv", tokenizer, 4096, 4, split="all")
     results = evaluate_retrieval(model, heldout, hashers, [0.1, 0.02], LAYERS, 32, 2048, logit=False, real_query=True, progress=False)
     print(format_table(results, LAYERS))
