@@ -58,7 +58,7 @@ VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, 
     "list": (dict(sampling=LISTWISE), soft_codes, MIX, 2),
     "list_wide": (dict(sampling=LISTWISE, width=128), soft_codes, MIX, 2),
     "list_deep": (dict(sampling=LISTWISE, depth=4), soft_codes, MIX, 2),
-    # the listwise loss's two sharpness settings: the draft softmax's scale (default 4) and the soft sign's gain (8)
+    # the listwise loss's two sharpness settings: the draft softmax's scale (4 in `list`) and the soft sign's gain (8)
     "list_scale2": (dict(sampling=replace(LISTWISE, list_scale=2.0)), soft_codes, MIX, 2),
     "list_gain4": (dict(sampling=replace(LISTWISE, gain=4.0)), soft_codes, MIX, 2),
     "list_gain16": (dict(sampling=replace(LISTWISE, gain=16.0)), soft_codes, MIX, 2),
@@ -85,13 +85,13 @@ def main() -> None:
     hashers = {}
     for name in args.variants:
         overrides, codes, corpora, num_chunks = VARIANTS[name]
-        # the training chunks as `spotlight train --data ...` cuts them
-        chunks = torch.cat([load_chunks(spec, tokenizer, 4096, num_chunks, split="train", seed=0) for spec in corpora])
         out = Path("hasher-variants") / f"{name}.safetensors"
         if args.reuse and out.is_file():
             hashers[name] = load_hasher(out, model)
             print(f"reused {out}", flush=True)
             continue
+        # the training chunks as `spotlight train --data ...` cuts them
+        chunks = torch.cat([load_chunks(spec, tokenizer, 4096, num_chunks, split="train", seed=0) for spec in corpora])
         out.parent.mkdir(exist_ok=True)
         out.unlink(missing_ok=True)
         loss_module.soft_codes = codes  # ranking_loss looks soft_codes up in its module

@@ -36,6 +36,7 @@ import math
 import pathlib
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -88,19 +89,16 @@ class Calibration:
 
     def __init__(self, layers: int, kv_heads: int):
         self.loss = torch.zeros(layers, kv_heads, len(BETAS), dtype=torch.float64)
-        self.steps = torch.zeros(layers, dtype=torch.float64)
 
     def __call__(self, layer, x, share, key_valid, budget):
         cand = candidates(key_valid, budget)  # [B, 1, T]
         target = share.double().masked_fill(~cand, 0.0)
         target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)  # [B, Hkv, T]
         xs = x.double().masked_fill(~cand, float("-inf"))  # [B, Hkv, T]
-        logits = BETAS[:, None, None, None] * xs[None]  # [J, B, Hkv, T]
-        logits = logits.masked_fill(~cand[None], float("-inf"))
+        logits = BETAS[:, None, None, None] * xs[None]  # [J, B, Hkv, T]; every beta > 0, so non-candidates stay -inf
         logp = logits - torch.logsumexp(logits, -1, keepdim=True)
         ce = -(target[None] * logp.masked_fill(~cand[None], 0.0)).sum(-1)  # [J, B, Hkv]
         self.loss[layer] += ce.sum(1).T
-        self.steps[layer] += x.shape[0]
 
     def betas(self, layers: list[int]) -> dict:
         best = self.loss.argmin(-1)  # [L, Hkv]
@@ -124,7 +122,7 @@ class Rules:
     def __init__(self, rules, betas: dict, shares: dict):
         self.rules = rules
         self.betas = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in betas.items()}
-        self.shares = shares  # {nominal fraction: {layer: per-head fractions}}
+        self.shares = shares  # {nominal fraction: {layer: Budget with per-head fractions}} (HeadBudgetProfile.layer_budgets)
         self.chunks: list[dict] = []
 
     def new_chunk(self):
@@ -152,8 +150,7 @@ class Rules:
             if family == "fixed":
                 k_rows = rows_budget(key_valid, Budget(level, budget.min_tokens, budget.sink, budget.window), x.shape[1])
             elif family == "heads":
-                b = Budget(level, budget.min_tokens, budget.sink, budget.window, heads=self.shares[level][layer])
-                k_rows = rows_budget(key_valid, b, x.shape[1])
+                k_rows = rows_budget(key_valid, self.shares[level][layer], x.shape[1])
             else:
                 if family == "top-p":
                     need = (est_cum < level).sum(-1) + 1
@@ -295,8 +292,9 @@ def main(argv=None) -> int:
         return 0
 
     cal = json.loads(args.calibration.read_text())
-    methods.enable(MethodSpec(Method.SPOTLIGHT), 1.0)
-    if set(cal["meta"]["hashers"].values()) != set(methods.hasher_digests().values()):
+    installed = methods.enable(MethodSpec(Method.SPOTLIGHT), 1.0)
+    meta["hashers"] = methods.hasher_digests()
+    if set(cal["meta"]["hashers"].values()) != set(meta["hashers"].values()):
         raise SystemExit(f"the calibration {args.calibration} was made with another hasher than the shipped one")
     missing = [i for i in layers if str(i) not in cal["betas"]]
     if missing:
@@ -304,15 +302,13 @@ def main(argv=None) -> int:
     shares = {}
     if args.profile:
         profile = load_profile(args.profile)
-        for f in HEADS:
-            alloc = profile.allocate(f, layers)
-            shares[f] = {layer: tuple(float(v) for v in alloc[row]) for row, layer in enumerate(layers)}
+        profile.check(model, geometry, installed.config, installed.selector.hasher, source=str(args.profile))
+        shares = {f: profile.layer_budgets(replace(installed.config, budget=f), geometry.num_layers) for f in HEADS}
     rules = rule_list(args.profile)
     record = Rules(rules, cal["betas"], shares)
     run_chunks(model, methods, chunks, args.context, args.steps, record, on_chunk=record.new_chunk)
     rows = summarize(rules, record.chunks)
     meta["seconds"] = round(time.perf_counter() - started)
-    meta["hashers"] = methods.hasher_digests()
     meta["calibration"] = {"file": str(args.calibration), **{k: cal["meta"][k] for k in ("data", "chunks", "context", "steps")}}
     meta["profile"] = str(args.profile) if args.profile else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
