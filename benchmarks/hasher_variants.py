@@ -10,7 +10,9 @@ the real-valued query hash against soft key codes, the scoring `metrics --real-q
 hasher's loss) at the shipped shape, at hidden width 128, and with four blocks, on 2 chunks each of 4 sources;
 `list_scale0.5` ... `list_scale3`, `list_gain4`, `list_gain16`: `list` with the draft softmax's scale at 0.5-3
 (4 in `list`) or the soft sign's gain at 4 or 16 (8 in `list`); `list64`, `list64_scale2`: `list` at 64 bits,
-at scale 4 and 2. `--simhash 1024` adds SimHash references; `--reuse` evaluates the hashers an earlier run
+at scale 4 and 2; `list_pow0.25` ... `list_pow2`: `list_scale2` with its target, the attention, raised
+to that power and renormalised; `list_long`, `list_scale2_long`: `list` and `list_scale2` with 960 steps over 8 chunks
+of each source (32 x 4096 tokens). `--simhash 1024` adds SimHash references; `--reuse` evaluates the hashers an earlier run
 left in hasher-variants/ instead of training them again.
 Trained with the streaming trainer (only LAYERS train; the forward still reads every layer). The
 figures in docs/TRAINING.md came from the earlier, spilling trainer, whose data order differs. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
@@ -68,6 +70,14 @@ VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, 
     "list_scale0.5": (dict(sampling=replace(LISTWISE, list_scale=0.5)), soft_codes, MIX, 2),
     "list64": (dict(sampling=LISTWISE, bits=64), soft_codes, MIX, 2),
     "list64_scale2": (dict(sampling=replace(LISTWISE, list_scale=2.0), bits=64), soft_codes, MIX, 2),
+    # the listwise target tempered: attention^power renormalised, at scale 2 (`list_scale2` is power 1)
+    "list_pow0.5": (dict(sampling=replace(LISTWISE, list_scale=2.0, list_power=0.5)), soft_codes, MIX, 2),
+    "list_pow0.25": (dict(sampling=replace(LISTWISE, list_scale=2.0, list_power=0.25)), soft_codes, MIX, 2),
+    "list_pow1.5": (dict(sampling=replace(LISTWISE, list_scale=2.0, list_power=1.5)), soft_codes, MIX, 2),
+    "list_pow2": (dict(sampling=replace(LISTWISE, list_scale=2.0, list_power=2.0)), soft_codes, MIX, 2),
+    # does scale 2's lead over 4 survive more steps over more text? 960 steps over 8 chunks of each source (32 x 4096)
+    "list_long": (dict(sampling=LISTWISE, steps=960), soft_codes, MIX, 8),
+    "list_scale2_long": (dict(sampling=replace(LISTWISE, list_scale=2.0), steps=960), soft_codes, MIX, 8),
 }
 
 

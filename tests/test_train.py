@@ -79,11 +79,14 @@ def test_loss_gradient_sign(mass_weight):
     assert float(pair_loss(raised, pairs, sampling)[0]) < float(loss.detach())
 
 
-def test_list_loss_against_a_per_row_reference():
-    """list_loss equals KL(p' || softmax(scale * z)) computed row by row over the candidate keys, and it is
-    invariant to the draft's scale and offset (inference ranks by the order alone)."""
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_list_loss_against_a_per_row_reference(power):
+    """list_loss equals KL(p' || softmax(scale * z)) computed row by row over the candidate keys (p' the
+    attention to list_power, renormalised), and it is invariant to the draft's scale and offset (inference
+    ranks by the order alone)."""
     q, k = _chunk(2)
-    sampling = PairSampling(num_queries=24, num_top=8, num_other=12, num_hard=6, min_position=16, listwise=1.0, list_scale=3.0)
+    sampling = PairSampling(num_queries=24, num_top=8, num_other=12, num_hard=6, min_position=16, listwise=1.0,
+                            list_scale=3.0, list_power=power)
     pairs = sample_pairs(q, k, Budget(0.2, 4, 1, 2), sampling, 0.25, torch.Generator().manual_seed(0))
     draft = torch.randn(pairs.probs.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     got = list_loss(draft, pairs, sampling)
@@ -91,7 +94,7 @@ def test_list_loss_against_a_per_row_reference():
     for h in range(draft.shape[0]):
         for i in range(draft.shape[1]):
             keep = pairs.candidate[i]
-            d, p = draft[h, i][keep], pairs.probs[h, i][keep].double()
+            d, p = draft[h, i][keep], pairs.probs[h, i][keep].double() ** power
             p = p / p.sum()
             z = (d - d.mean()) / d.var(unbiased=False).add(1e-6).sqrt()
             terms.append(torch.sum(torch.xlogy(p, p) - p * torch.log_softmax(3.0 * z, 0)))
@@ -106,6 +109,8 @@ def test_listwise_settings_are_range_checked():
         PairSampling(listwise=1.5)
     with pytest.raises(ValueError, match="list_scale"):
         PairSampling(list_scale=0.0)
+    with pytest.raises(ValueError, match="list_power"):
+        PairSampling(list_power=0.0)
 
 
 @pytest.mark.parametrize("listwise", [0.0, 0.5, 1.0])

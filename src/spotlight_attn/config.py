@@ -228,6 +228,7 @@ class PairSampling:
     gain: float = 64.0  # soft sign s = g h / (1 + |g h|)
     listwise: float = 0.0  # weight of the listwise loss (KL from the attention to the draft's softmax): 0 = pairs only, 1 = list only
     list_scale: float = 2.0  # the draft's softmax is over list_scale * (draft standardised per query); 2 beat 4 (docs/TRAINING.md)
+    list_power: float = 1.0  # the listwise target is the attention raised to this power, renormalised: < 1 flattens it
 
     def __post_init__(self):
         if self.num_hard > self.num_other:
@@ -240,6 +241,8 @@ class PairSampling:
             raise ValueError(f"listwise must be in [0, 1], got {self.listwise}")
         if not self.list_scale > 0:
             raise ValueError(f"list_scale must be > 0, got {self.list_scale}")
+        if not self.list_power > 0:
+            raise ValueError(f"list_power must be > 0, got {self.list_power}")
 
 
 @dataclass(slots=True)

@@ -46,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "(default: the listwise loss alone, which trained the shipped hasher; 0: the pairwise loss alone)")
     parser.add_argument("--list-scale", type=float, default=2.0,
                         help="sharpness of the listwise loss's softmax over the standardised draft (2 measured better than 4 and 8)")
+    parser.add_argument("--list-power", type=float, default=1.0,
+                        help="the listwise target is the attention to this power, renormalised (< 1 flattens it; 1: the attention)")
     parser.add_argument("--straight-through", action="store_true", help="hard codes forward, soft gradient backward")
     parser.add_argument("--gain", type=float, default=8.0, help="soft-sign gain g in s = g h / (1 + |g h|) (8 measured better than 64)")
     parser.add_argument("--min-position", type=int, default=None,
@@ -78,7 +80,7 @@ def run(args) -> int:
     sampling = PairSampling(
         num_queries=args.queries, num_top=args.top, num_other=args.others, num_hard=args.others // 2,
         mass_weight=args.mass_weight, straight_through=args.straight_through, gain=args.gain,
-        listwise=args.listwise, list_scale=args.list_scale,
+        listwise=args.listwise, list_scale=args.list_scale, list_power=args.list_power,
         min_position=args.chunk_len // 4 if args.min_position is None else args.min_position,
     )
     dense_layers = parse_layers(args.dense_layers, "--dense-layers")

@@ -21,6 +21,8 @@ query), KL(p' || softmax(list_scale * z)), where p' is the group-summed attentio
 candidate keys renormalised to 1 and z the draft standardised over the same keys (so the term does
 not depend on the draft's scale, which inference ignores). It scores every past key, not samples,
 and weighs each by the attention it carries: the objective of DeepSeek-V3.2's top-k indexer.
+`list_power` = a tempers that target: p' is p^a renormalised over the candidates (a < 1 moves weight
+from the few heaviest keys to those near the budget's boundary; 1 is the attention itself).
 """
 
 from __future__ import annotations
@@ -165,6 +167,8 @@ def list_loss(draft: torch.Tensor, pairs: PairBatch, sampling: PairSampling) -> 
     z = (draft - mean) / (var + 1e-6).sqrt()
     log_q = torch.log_softmax((sampling.list_scale * z).masked_fill(~candidate, -1e9), dim=-1)  # finite: no NaN in empty rows
     p = pairs.probs * candidate
+    if sampling.list_power != 1.0:
+        p = p.pow(sampling.list_power)  # 0 stays 0: keys outside the candidates keep no weight
     p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
     kl = (torch.xlogy(p, p) - p * log_q).sum(-1)  # [Hkv, Nq]
     rows = candidate.any(-1).float()  # queries with at least one candidate key (no host sync)
