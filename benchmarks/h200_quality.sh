@@ -2,6 +2,9 @@
 # Hash training at scale and the quality evaluation, on the GPU machine with the real SmolLM2-135M
 # (issue 14; docs/RESULTS.md, docs/TRAINING.md). Phases run in the order given:
 #   stash    call 1 (carry .model/a .packs/a): the GGUF's first half and half the training pack to /root/xfer
+#   packs    the packs a call carries (.packs/a, .packs/b), as stash and model copy them: where the tracked tree has
+#            grown past what a 64 MiB call can carry beside a model half, call 1 carries .model/a, call 2 (model)
+#            .model/b .whl, and call 3 .packs/a .packs/b with `packs` before its work
 #   probe    the streaming trainer's speed at the SmolLM2 shape (random weights), alone and 4 at once
 #   model    call 2 (carry .model/b .whl .packs/b): assemble the GGUF, install gguf, copy the eval packs and the training pack's other half
 #   train    train the VARIANTS side by side (one process each), STEPS steps per layer, then store each in float16
@@ -58,6 +61,11 @@ quiet() { grep -v "Warning\|warnings.warn\|it/s\]$\|chunk/s\]$\|task/s\]$\|promp
 hasher_file() {  # a CANDIDATES name=file pair -> its file; a variant's name -> the float16 file train wrote
   case $1 in *=*) echo "${1#*=}" ;; *) echo "$H/$1.fp16.safetensors" ;; esac
 }
+copy_packs() {  # whichever of .packs/a and .packs/b this call carries: the training halves to /root/xfer, the eval packs to $P
+  mkdir -p /root/xfer $P
+  [ ! -d .packs/a ] || cp .packs/a/*.safetensors /root/xfer/ || return 1
+  [ ! -d .packs/b ] || { cp .packs/b/*.safetensors $P/ && { [ ! -f $P/train-mix-8k.part1.safetensors ] || mv $P/train-mix-8k.part1.safetensors /root/xfer/; }; }
+}
 flags() {  # training flags of a variant
   case $1 in
   pairs) echo "--listwise 0" ;;
@@ -77,7 +85,8 @@ flags() {  # training flags of a variant
 }
 for phase in "$@"; do
   case $phase in
-  stash) mkdir -p /root/xfer && cp .model/a/part1 .packs/a/train-mix-8k.part0.safetensors /root/xfer/ && ls -la /root/xfer ;;
+  stash) mkdir -p /root/xfer && cp .model/a/part1 /root/xfer/ && copy_packs && ls -la /root/xfer ;;
+  packs) copy_packs && ls -la /root/xfer $P ;;
   probe)
     { python3 benchmarks/train_throughput.py --shape smollm2-135m --batches 6 --out "$OUT/probe1" 2>&1 | tail -n 4
       for i in 1 2 3 4; do python3 benchmarks/train_throughput.py --shape smollm2-135m --batches 6 --out "$OUT/probe4_$i" > "$OUT/probe4_$i.log" 2>&1 & done; wait
@@ -88,7 +97,7 @@ for phase in "$@"; do
         cat /root/xfer/part1 .model/b/part2 > $M; }
     echo "$(cat .model/b/sha256)  $M" | sha256sum -c - || exit 4
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    mkdir -p $P && cp .packs/b/*.safetensors $P/ && { [ ! -f $P/train-mix-8k.part1.safetensors ] || mv $P/train-mix-8k.part1.safetensors /root/xfer/; } && ls $P /root/xfer ;;
+    copy_packs && ls $P /root/xfer ;;
   train)
     { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
