@@ -7,7 +7,9 @@
 #            .model/b .whl, and call 3 .packs/a .packs/b with `packs` before its work
 #   probe    the streaming trainer's speed at the SmolLM2 shape (random weights), alone and 4 at once
 #   model    call 2 (carry .model/b .whl .packs/b): assemble the GGUF, install gguf, copy the eval packs and the training pack's other half
-#   train    train the VARIANTS side by side (one process each), STEPS steps per layer, then store each in float16
+#   train    train the VARIANTS side by side (one process each, detached), STEPS steps per layer, then store each in
+#            float16. TRAIN_WAIT_S=540 returns after 540 s if they are still running (exit 6, later phases skipped):
+#            the same train phase in the next call (at once, the machine warm) waits for them instead of starting again
 #   wording  dense alone on the needle kinds at 4096 and 2048 tokens (40 tasks each): where dense answers >= 90%
 #   select   retrieval of every variant (and the name=file hashers in CANDIDATES) on held-out documents of the training
 #            sources; the best 128-bit one by mean attention mass over 10% and 2% becomes /root/hashers/best.safetensors
@@ -101,14 +103,19 @@ for phase in "$@"; do
   train)
     { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-      start=$(date +%s)
-      for v in $VARIANTS; do
-        sp train --model $M --data /root/xfer/train-mix-8k.part0.safetensors /root/xfer/train-mix-8k.part1.safetensors --chunk-len 8192 --chunks "${CHUNKS:-481}" --steps "$STEPS" \
-            --dense-layers 0 --device cuda --checkpoint-every 100 --out $H/$v.safetensors $(flags $v) > "$OUT/train_$v.log" 2>&1 &
+      start=$(date +%s); rm -f $H/.training
+      for v in $VARIANTS; do  # detached, so a run longer than one call goes on into the next (the machine kept warm)
+        pgrep -f -- "--out $H/$v.safetensors" > /dev/null && { echo "$v: still training from an earlier call"; continue; }
+        setsid nohup python3 -m spotlight_attn.cli.main train --model $M --data /root/xfer/train-mix-8k.part0.safetensors /root/xfer/train-mix-8k.part1.safetensors \
+            --chunk-len 8192 --chunks "${CHUNKS:-481}" --steps "$STEPS" --dense-layers 0 --device cuda --checkpoint-every 100 \
+            --out $H/$v.safetensors $(flags $v) >> "$H/train_$v.log" 2>&1 < /dev/null &
       done
-      wait
-      echo "trained $VARIANTS in $(( $(date +%s) - start )) s"
-      for v in $VARIANTS; do tail -n 2 "$OUT/train_$v.log"; done
+      while pgrep -f -- "cli.main train" > /dev/null && [ $(( $(date +%s) - start )) -lt "${TRAIN_WAIT_S:-100000}" ]; do sleep 5; done
+      for v in $VARIANTS; do cp "$H/train_$v.log" "$OUT/"; tail -n 2 "$OUT/train_$v.log"; done
+      if pgrep -f -- "cli.main train" > /dev/null; then
+        echo "still training after ${TRAIN_WAIT_S}s: run the train phase again in the next call, at once"; touch $H/.training; exit 6
+      fi
+      echo "trained $VARIANTS; this call waited $(( $(date +%s) - start )) s"
       python3 - "$H" $VARIANTS <<'EOF'
 import sys
 from spotlight_attn.hashing import load_hasher, read_header, save_hasher
@@ -234,4 +241,5 @@ EOF
     } 2>&1 | quiet | tee "$OUT/heads.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
+  [ ! -f $H/.training ] || exit 6  # the train phase left runs going: the later phases need its hashers
 done
