@@ -17,7 +17,7 @@
 #            needle (NEEDLE_KINDS at NEEDLE_LENGTHS, 40 tasks a cell), fidelity over 32 prompts; one process per
 #            (methods, budgets) group side by side, merged per evaluation by `spotlight report --merge`
 #   dense1   perplexity as in eval with layer 0 alone dense (the shipped hasher holds layers 1-29)
-#   mass     attention mass of CANDIDATES and VARIANTS beside SimHash-1024 on kjv and perl-docs (8 chunks, 16 steps after
+#   mass     attention mass of CANDIDATES and VARIANTS beside SimHash-1024 and the oracle on kjv and perl-docs (8 chunks, 16 steps after
 #            4096; the 4112-token packs), one process each, side by side; pair them with benchmarks/paired_retrieval.py
 #            (the mass phase and the wide and deep variants are not yet run on a GPU)
 #   calibrate  `spotlight calibrate` for each of CALIBRATE (default linear1024) on $P/calib-4112.safetensors (8 train
@@ -26,6 +26,10 @@
 #   heads    head budgets (budgets.py) against the even budget on the same chunks: perplexity (PPL_CHUNKS) and
 #            attention mass (8 chunks, 16 steps after 4096) on kjv and perl-docs, for the shipped hasher and SimHash-1024,
 #            each with the profile `spotlight calibrate` made for it (HEADS_SPOTLIGHT, HEADS_LINEAR)
+# docs/RESULTS.md's headline table end to end: `model select eval mass` (after stash and packs; for the shipped
+# hasher alone VARIANTS="" with CANDIDATES naming it), the calls' $OUT folders merged into one folder RUN, then
+# `python benchmarks/results_md.py --build RUN` writes docs/results/quality_summary.json and the table. Device time
+# measured for the parts: select + eval 489 s on the H200, retrieval 90 s (h200_quality2); the mass phase is not timed.
 # Packs (docs/CORPORA.md): .packs/a/train-mix-8k.part0.safetensors, .packs/b/train-mix-8k.part1.safetensors (benchmarks/split_pack.py), .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
 # .packs/b/valid-4112.safetensors. `model` installs every wheel in .whl: gguf, and for fidelity (the GPU machine lacks
 # rouge-score, which PyPI has only as an sdist) `pip wheel --no-deps -w .whl rouge-score nltk absl-py` and the wheels
@@ -199,7 +203,7 @@ EOF
     Q="$OUT/mass"; mkdir -p "$Q"; start=$(date +%s)
     { for d in kjv perl-docs; do
         common="--model $M --device $DEVICE --data $P/$d-4112.safetensors --contexts 4096 --steps 16 --chunks 8 --budgets 0.1,0.02"
-        sp eval retrieval $common --methods linear1024 --out "$Q/${d}_linear1024.json" > "$Q/${d}_linear1024.log" 2>&1 &
+        sp eval retrieval $common --methods linear1024,oracle --out "$Q/${d}_linear1024.json" > "$Q/${d}_linear1024.log" 2>&1 &
         for v in $CANDIDATES $VARIANTS; do
           name=${v%%=*} file=$(hasher_file "$v")
           sp eval retrieval $common --methods spotlight=$file --out "$Q/${d}_$name.json" > "$Q/${d}_$name.log" 2>&1 &

@@ -362,6 +362,102 @@ def test_quality_summary_merges_the_kinds_per_domain_and_keeps_other_domains(tmp
     assert out.read_text() == "not json"  # refused, not overwritten
 
 
+def _summary_row(domain, method, budget, bits=None, **figures):
+    row = {"domain": domain, "method": method, "budget": budget, "bits": bits, "hasher_sha256": None}
+    for name in ("mass", "ppl_vs_dense", "needle_acc"):
+        value = figures.get(name)
+        row[name], row[f"{name}_lo"], row[f"{name}_hi"] = value, *((value - 0.01, value + 0.01) if value is not None else (None, None))
+    return row
+
+
+def test_summary_table_bolds_the_best_hash_per_budget_and_never_the_oracle():
+    from spotlight_attn.eval.summary import summary_table
+
+    rows = [_summary_row("kjv", "dense", None, ppl_vs_dense=0.0, needle_acc=0.9),
+            _summary_row("kjv", "spotlight", 0.1, 128, ppl_vs_dense=0.03, mass=0.93, needle_acc=0.85),
+            _summary_row("kjv", "linear1024", 0.1, 1024, ppl_vs_dense=0.04, mass=0.94),
+            _summary_row("kjv", "oracle", 0.1, ppl_vs_dense=0.01, mass=0.96, needle_acc=0.95),
+            _summary_row("kjv", "spotlight", 0.02, 128, ppl_vs_dense=0.25, mass=0.80),
+            _summary_row("kjv", "linear1024", 0.02, 1024, ppl_vs_dense=0.20, mass=0.80)]
+    lines = summary_table(rows).split("\n")
+    assert lines[0] == ("|  | dense | spotlight-128 10% | SimHash-1024 10% | oracle 10% | spotlight-128 2% | SimHash-1024 2% |")
+    cells = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in lines[2:]}
+    assert cells["perplexity vs dense, kjv"] == ["-", "**+3.00%** [+2.00, +4.00]", "+4.00% [+3.00, +5.00]", "+1.00% [+0.00, +2.00]",
+                                                 "+25.00% [+24.00, +26.00]", "**+20.00%** [+19.00, +21.00]"]
+    assert cells["attention-mass recall, kjv"] == ["-", "0.930 [0.920, 0.940]", "**0.940** [0.930, 0.950]", "0.960 [0.950, 0.970]",
+                                                   "**0.800** [0.790, 0.810]", "**0.800** [0.790, 0.810]"]  # a tie: both bold
+    assert cells["needle accuracy, kjv"] == ["90.0% [89.0, 91.0]", "**85.0%** [84.0, 86.0]", "-", "95.0% [94.0, 96.0]", "-", "-"]
+    with pytest.raises(SpotlightError, match="no rows"):
+        summary_table([])
+
+
+def _results_md():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "results_md.py"
+    spec = importlib.util.spec_from_file_location("results_md", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_md_replaces_only_the_marked_block_and_refuses_a_document_without_markers():
+    results_md = _results_md()
+    rows = [_summary_row("kjv", "spotlight", 0.1, 128, mass=0.93)]
+    doc = f"# Results\n\nbefore\n{results_md.BEGIN}\nold table\n{results_md.END}\nafter\n"
+    new = results_md.render(doc, rows)
+    assert new.startswith("# Results\n\nbefore\n") and new.endswith(f"{results_md.END}\nafter\n")
+    assert "old table" not in new and "| attention-mass recall, kjv | - | **0.930** [0.920, 0.940] |" in new  # the only hash: the best
+    assert results_md.render(new, rows) == new  # idempotent
+    for broken in ("no markers", f"{results_md.END}\n{results_md.BEGIN}", doc + results_md.BEGIN):
+        with pytest.raises(SpotlightError, match="marker lines"):
+            results_md.render(broken, rows)
+
+
+def test_results_md_builds_the_summary_from_a_run_folder_or_writes_nothing(tmp_path):
+    from spotlight_attn.eval.stats import summarize
+
+    results_md = _results_md()
+    run, meta = tmp_path / "run", {"model": "tiny", "hashers": {"h.safetensors": "cd" * 32}, "hasher_bits": {"h.safetensors": 128}}
+    for folder in ("quality", "mass", "select"):
+        (run / folder).mkdir(parents=True)
+    (run / "select" / "best.txt").write_text("long2 /root/hashers/long2.fp16.safetensors\n")
+    tokens = [40, 40]
+    for domain in ("kjv", "perl-docs"):
+        ppl = summarize({"kind": "ppl", "meta": dict(meta, data=domain), "rows": [
+            {"method": "dense", "budget": None, "ppl": math.exp(1.0), "chunk_nll": [40.0, 40.0], "chunk_tokens": tokens},
+            {"method": "spotlight", "budget": 0.1, "ppl": math.exp(1.05), "chunk_nll": [42.0, 42.0], "chunk_tokens": tokens}]})
+        (run / "quality" / f"ppl_{domain}.json").write_text(json.dumps(ppl))
+        for name, method, mass in (("linear1024", "linear1024", [0.90, 0.92]), ("long2", "spotlight", [0.93, 0.95])):
+            retrieval = {"kind": "retrieval", "meta": dict(meta, data=domain), "rows": [
+                {"context": 64, "method": method, "budget": 0.1, "iou": 0.5, "mass": sum(mass) / 2, "chunk_mass": mass}]}
+            (run / "mass" / f"{domain}_{name}.json").write_text(json.dumps(retrieval))
+    summary = tmp_path / "quality_summary.json"
+    kept = [_summary_row("stdlib", "spotlight", 0.1, 128, mass=0.5)]
+    summary.write_text(json.dumps(kept))
+    (run / "mass" / "perl-docs_long2.json").rename(tmp_path / "aside.json")
+    with pytest.raises(SpotlightError, match="perl-docs_long2.json; nothing written"):
+        results_md.build(run, summary)
+    assert json.loads(summary.read_text()) == kept
+    (tmp_path / "aside.json").rename(run / "mass" / "perl-docs_long2.json")
+    assert results_md.build(run, summary) == ["kjv", "perl-docs"]  # no needle file: no needle domain
+    rows = {(r["domain"], r["method"], r["budget"]): r for r in json.loads(summary.read_text())}
+    assert rows["stdlib", "spotlight", 0.1]["mass"] == 0.5  # another domain's row kept
+    learned = rows["kjv", "spotlight", 0.1]
+    assert learned["mass"] == pytest.approx(0.94) and learned["ppl_vs_dense"] == pytest.approx(math.exp(0.05) - 1)
+    assert rows["perl-docs", "linear1024", 0.1]["mass"] == pytest.approx(0.91)
+
+
+def test_the_results_document_table_is_the_quality_summary():
+    """docs/RESULTS.md's headline table is what benchmarks/results_md.py writes from quality_summary.json."""
+    results_md = _results_md()
+    root = __import__("pathlib").Path(__file__).parents[1]
+    doc = (root / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    rows = json.loads((root / "docs" / "results" / "quality_summary.json").read_text(encoding="utf-8"))
+    assert results_md.render(doc, rows) == doc, "run: python benchmarks/results_md.py"
+
+
 def test_results_of_processes_split_by_method_merge_into_the_one_process_figures(tmp_path, capsys):
     model, methods = _setup()
     torch.manual_seed(4)

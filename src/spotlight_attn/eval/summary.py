@@ -110,3 +110,53 @@ def write_summary(path: str | Path, rows: list[dict]) -> Path:
     merged = [r for r in kept if r["domain"] not in domains] + rows
     atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
     return path
+
+
+def method_label(method: str, bits: int | None) -> str:
+    """The name a table prints: spotlight -> spotlight-128, linear1024 -> SimHash-1024, others as they are."""
+    match = re.fullmatch(r"linear(\d+)", method)
+    if match:
+        return f"SimHash-{match[1]}"
+    return f"{method}-{bits}" if method == "spotlight" and bits else method
+
+
+_LINES = (("ppl_vs_dense", "perplexity vs dense", min), ("mass", "attention-mass recall", max), ("needle_acc", "needle accuracy", max))
+_FORMATS = {"ppl_vs_dense": ("{:+.2f}", "%", 100), "mass": ("{:.3f}", "", 1), "needle_acc": ("{:.1f}", "%", 100)}
+
+
+def _cell(figure: str, row: dict | None, bold: bool = False) -> str:
+    """One figure of a row as a table cell: the value (bold if asked), then its 95% bounds where known."""
+    if row is None or row[figure] is None:
+        return "-"
+    fmt, unit, scale = _FORMATS[figure]
+    text = fmt.format(row[figure] * scale) + unit
+    lo, hi = row[f"{figure}_lo"], row[f"{figure}_hi"]
+    bounds = "" if lo is None or hi is None else f" [{fmt.format(lo * scale)}, {fmt.format(hi * scale)}]"
+    return (f"**{text}**" if bold else text) + bounds
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A quality summary's rows -> one markdown table: a column per (method, budget), budgets largest
+    first (dense first, with what it measured), a line per (figure, domain) that any row measured; each
+    cell the figure and its 95% bounds. Per line and budget the best hash is in bold: lowest perplexity,
+    highest mass and needle accuracy; the oracle, a ceiling, does not compete."""
+    if not rows:
+        raise SpotlightError("the quality summary has no rows: nothing to tabulate")
+    order = {"spotlight": 0, "oracle": 2}
+    columns = sorted({(r["method"], r["budget"], r["bits"]) for r in rows if r["method"] != "dense"},
+                     key=lambda c: (-(c[1] or 0), order.get(c[0], 1), c[0]))
+    header = ["", "dense"] + [f"{method_label(m, bits)} {b:.0%}" if b else method_label(m, bits) for m, b, bits in columns]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    cells = {(r["domain"], r["method"], r["budget"]): r for r in rows}
+    for figure, title, better in _LINES:
+        for domain in sorted({r["domain"] for r in rows if r[figure] is not None}):
+            found = [(m, b, cells.get((domain, m, b))) for m, b, _ in columns]
+            best = {}
+            for m, b, row in found:
+                if m != "oracle" and row is not None and row[figure] is not None:
+                    best[b] = better(best.get(b, row[figure]), row[figure])
+            dense = cells.get((domain, "dense", None))
+            out = [f"{title}, {domain}", "-" if figure == "ppl_vs_dense" else _cell(figure, dense)]
+            out += [_cell(figure, row, bold=m != "oracle" and row is not None and row[figure] == best.get(b)) for m, b, row in found]
+            lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
