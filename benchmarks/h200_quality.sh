@@ -30,6 +30,9 @@
 # hasher alone VARIANTS="" with CANDIDATES naming it), the calls' $OUT folders merged into one folder RUN, then
 # `python benchmarks/results_md.py --build RUN` writes docs/results/quality_summary.json and the table. Device time
 # measured for the parts: select + eval 489 s on the H200, retrieval 90 s (h200_quality2); the mass phase is not timed.
+# .packs/c (long2c): the same 11 sources in 4096-token chunks, `spotlight data pack --model smollm2-135m --chunk-len 4096
+# --split train --chunks 220 --data licenses,pydocs,linux-doc,python-docs,debian-docs,manpages,postgres-docs,git-docs,stdlib,go,rust
+# --out train-mix-4k.safetensors` (1922 chunks, 7.87M tokens, 13 s), then `python benchmarks/split_pack.py train-mix-4k.safetensors 2`.
 # Packs (docs/CORPORA.md): .packs/a/train-mix-8k.part0.safetensors, .packs/b/train-mix-8k.part1.safetensors (benchmarks/split_pack.py), .packs/b/{kjv,perl-docs,elisp}-{4096,4112,2048}.safetensors,
 # .packs/b/valid-4112.safetensors. `model` installs every wheel in .whl: gguf, and for fidelity (the GPU machine lacks
 # rouge-score, which PyPI has only as an sdist) `pip wheel --no-deps -w .whl rouge-score nltk absl-py` and the wheels
@@ -70,6 +73,7 @@ hasher_file() {  # a CANDIDATES name=file pair -> its file; a variant's name -> 
 copy_packs() {  # whichever of .packs/a and .packs/b this call carries: the training halves to /root/xfer, the eval packs to $P
   mkdir -p /root/xfer $P
   [ ! -d .packs/a ] || cp .packs/a/*.safetensors /root/xfer/ || return 1
+  [ ! -d .packs/c ] || cp .packs/c/*.safetensors /root/xfer/ || return 1  # the 4096-token training pack's halves (long2c)
   [ ! -d .packs/b ] || { cp .packs/b/*.safetensors $P/ && { [ ! -f $P/train-mix-8k.part1.safetensors ] || mv $P/train-mix-8k.part1.safetensors /root/xfer/; }; }
 }
 flags() {  # training flags of a variant
@@ -82,6 +86,8 @@ flags() {  # training flags of a variant
   long) echo "--listwise 1 --list-scale 4 --steps 960 --chunks 480" ;;  # twice the steps, over all 960 chunks of the pack (shipped)
   long2) echo "--listwise 1 --list-scale 2 --steps 960 --chunks 480" ;;  # long with the softer listwise softmax (the default since)
   long64) echo "--listwise 1 --list-scale 2 --steps 960 --chunks 480 --bits 64" ;;  # long2 at 64 bits: the moonshot
+  long2q) echo "--listwise 1 --list-scale 2 --steps 960 --chunks 480 --queries 256" ;;  # long2 with 256 queries a step (the CPU probe's)
+  long2c) echo "--listwise 1 --list-scale 2 --steps 960 --chunks 480 --chunk-len 4096 --data /root/xfer/train-mix-4k.part0.safetensors /root/xfer/train-mix-4k.part1.safetensors" ;;  # long2 on 4096-token chunks (.packs/c)
   list64) echo "--listwise 1 --list-scale 4 --bits 64" ;;
   scale8) echo "--listwise 1 --list-scale 8" ;;
   wide) echo "--listwise 1 --list-scale 4 --steps 960 --chunks 480 --width 128" ;;  # long with hidden width 128 instead of 64

@@ -12,7 +12,9 @@ hasher's loss) at the shipped shape, at hidden width 128, and with four blocks, 
 (4 in `list`) or the soft sign's gain at 4 or 16 (8 in `list`); `list64`, `list64_scale2`: `list` at 64 bits,
 at scale 4 and 2; `list_pow0.25` ... `list_pow2`: `list_scale2` with its target, the attention, raised
 to that power and renormalised; `list_long`, `list_scale2_long`: `list` and `list_scale2` with 960 steps over 8 chunks
-of each source (32 x 4096 tokens). `--simhash 1024` adds SimHash references; `--reuse` evaluates the hashers an earlier run
+of each source (32 x 4096 tokens); `list_scale2_wide`, `list_scale2_deep`: `list_scale2` at width 128, or with 4 blocks;
+`list_scale2_q128`, `list_scale2_bf16`: `list_scale2` with 128 sampled queries a step (the CLI's default; 256 here), or
+trained on the model in bfloat16 (as `spotlight train` on CUDA). `--simhash 1024` adds SimHash references; `--reuse` evaluates the hashers an earlier run
 left in hasher-variants/ instead of training them again.
 Trained with the streaming trainer (only LAYERS train; the forward still reads every layer). The
 figures in docs/TRAINING.md came from the earlier, spilling trainer, whose data order differs. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
@@ -38,6 +40,7 @@ from spotlight_attn.models import ModelGeometry, load_model
 from spotlight_attn.train import train_hasher
 
 LAYERS = [3, 13, 23]
+BF16 = {"list_scale2_bf16"}  # trained on the model in bfloat16, as `spotlight train` on CUDA does (scored in float32 like the rest)
 SHIPPED = "src/spotlight_attn/assets/smollm2-135m.safetensors"
 soft_codes = loss_module.soft_codes
 
@@ -75,6 +78,12 @@ VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, 
     "list_pow0.25": (dict(sampling=replace(LISTWISE, list_scale=2.0, list_power=0.25)), soft_codes, MIX, 2),
     "list_pow1.5": (dict(sampling=replace(LISTWISE, list_scale=2.0, list_power=1.5)), soft_codes, MIX, 2),
     "list_pow2": (dict(sampling=replace(LISTWISE, list_scale=2.0, list_power=2.0)), soft_codes, MIX, 2),
+    # capacity at scale 2: do a wider or deeper hash's gains (at scale 4: list_wide, list_deep) add to scale 2's?
+    "list_scale2_wide": (dict(sampling=replace(LISTWISE, list_scale=2.0), width=128), soft_codes, MIX, 2),
+    "list_scale2_deep": (dict(sampling=replace(LISTWISE, list_scale=2.0), depth=4), soft_codes, MIX, 2),
+    # what the GPU recipe does differently: 128 sampled queries a step (the CLI's default; 256 here), a bfloat16 frozen model
+    "list_scale2_q128": (dict(sampling=replace(LISTWISE, list_scale=2.0, num_queries=128)), soft_codes, MIX, 2),
+    "list_scale2_bf16": (dict(sampling=replace(LISTWISE, list_scale=2.0)), soft_codes, MIX, 2),
     # does scale 2's lead over 4 survive more steps over more text? 960 steps over 8 chunks of each source (32 x 4096)
     "list_long": (dict(sampling=LISTWISE, steps=960), soft_codes, MIX, 8),
     "list_scale2_long": (dict(sampling=replace(LISTWISE, list_scale=2.0), steps=960), soft_codes, MIX, 8),
@@ -107,7 +116,8 @@ def main() -> None:
         loss_module.soft_codes = codes  # ranking_loss looks soft_codes up in its module
         start = time.perf_counter()
         try:
-            train_hasher(model, chunks, out, device="cpu", config=TrainConfig(**{**recipe, **overrides}), layers=LAYERS, progress=False)
+            frozen = load_model("smollm2-135m", device="cpu", dtype=torch.bfloat16)[0] if name in BF16 else model
+            train_hasher(frozen, chunks, out, device="cpu", config=TrainConfig(**{**recipe, **overrides}), layers=LAYERS, progress=False)
         finally:
             loss_module.soft_codes = soft_codes
         print(f"train {name}: {time.perf_counter() - start:.0f} s", flush=True)
