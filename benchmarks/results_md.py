@@ -34,19 +34,24 @@ BEGIN = "<!-- quality summary table: written by benchmarks/results_md.py from do
 END = "<!-- end of the quality summary table -->"
 
 
-def render(doc: str, rows: list[dict], where: str = "the document") -> str:
-    """`doc` with the block between BEGIN and END replaced by the summary's table."""
+def split(doc: str, where: str = "the document") -> tuple[str, str]:
+    """(what precedes the BEGIN marker, what follows the END marker) of `doc`; refuses a document without both, in order."""
     if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
         raise SpotlightError(f"{where} needs the marker lines once each, in this order:\n{BEGIN}\n{END}")
     head, rest = doc.split(BEGIN)
-    _, tail = rest.split(END)
+    return head, rest.split(END)[1]
+
+
+def render(doc: str, rows: list[dict], where: str = "the document") -> str:
+    """`doc` with the block between BEGIN and END replaced by the summary's table."""
+    head, tail = split(doc, where)
     return f"{head}{BEGIN}\n{summary_table(rows)}\n{END}{tail}"
 
 
 def build(run: Path, summary: Path, domains=("kjv", "perl-docs")) -> list[str]:
     """Write the summary rows of a quality run's results files into `summary`; returns the domains written."""
     best_file = run / "select" / "best.txt"
-    best = best_file.read_text().split()[0] if best_file.is_file() else None
+    best = (best_file.read_text().split() or [None])[0] if best_file.is_file() else None
     groups = []
     for domain in domains:
         files = [run / "quality" / f"ppl_{domain}.json", run / "mass" / f"{domain}_linear1024.json"]
@@ -77,6 +82,10 @@ def main() -> int:
     args = parser.parse_args()
     if not args.doc.is_file():
         raise SystemExit(f"results_md: no such file: {args.doc}")
+    try:
+        split(args.doc.read_text(encoding="utf-8"), str(args.doc))  # before --build writes anything
+    except SpotlightError as error:
+        raise SystemExit(f"results_md: {error}") from None
     if args.build is not None and not args.check:
         try:
             written = build(args.build, args.summary)
