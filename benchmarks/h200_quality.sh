@@ -69,7 +69,7 @@ quiet() { grep -v "Warning\|warnings.warn\|it/s\]$\|chunk/s\]$\|task/s\]$\|promp
 hasher_file() {  # a CANDIDATES name=file pair -> its file; a variant's name -> the float16 file train wrote
   case $1 in *=*) echo "${1#*=}" ;; *) echo "$H/$1.fp16.safetensors" ;; esac
 }
-copy_packs() {  # whichever of .packs/a and .packs/b this call carries: the training halves to /root/xfer, the eval packs to $P
+copy_packs() {  # whichever of .packs/a, .packs/b and .packs/c this call carries: the training halves to /root/xfer, the eval packs to $P
   mkdir -p /root/xfer $P
   [ ! -d .packs/a ] || cp .packs/a/*.safetensors /root/xfer/ || return 1
   [ ! -d .packs/c ] || cp .packs/c/*.safetensors /root/xfer/ || return 1  # the 4096-token training pack's halves (long2c)

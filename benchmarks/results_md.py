@@ -13,9 +13,8 @@ written.
 The table (`spotlight_attn.eval.summary.summary_table`: a column per method and budget, a line per
 figure and domain, 95% bounds) replaces what stands between the two marker lines below in the
 document; the rest of the document is left as it is. The write is atomic. `--check` writes nothing
-and exits 1 if the document's table is not the summary's (the test suite runs it, so the table
-cannot drift from the JSON). benchmarks/h200_quality.sh's `summary` phase builds the summary from
-the evaluation phases' results files and runs this on a copy of the document.
+and exits 1 if the document's table is not the summary's (the test suite checks the same, so the
+table cannot drift from the JSON).
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ import sys
 from pathlib import Path
 
 from spotlight_attn.errors import SpotlightError
-from spotlight_attn.eval.common import atomic_write_text
-from spotlight_attn.eval.common import read_results
+from spotlight_attn.eval.common import atomic_write_text, read_results
 from spotlight_attn.eval.summary import quality_summary, summary_table, write_summary
 
 BEGIN = "<!-- quality summary table: written by benchmarks/results_md.py from docs/results/quality_summary.json -->"
@@ -82,8 +80,9 @@ def main() -> int:
     args = parser.parse_args()
     if not args.doc.is_file():
         raise SystemExit(f"results_md: no such file: {args.doc}")
+    doc = args.doc.read_text(encoding="utf-8")
     try:
-        split(args.doc.read_text(encoding="utf-8"), str(args.doc))  # before --build writes anything
+        split(doc, str(args.doc))  # before --build writes anything
     except SpotlightError as error:
         raise SystemExit(f"results_md: {error}") from None
     if args.build is not None and not args.check:
@@ -96,7 +95,6 @@ def main() -> int:
         raise SystemExit(f"results_md: no such file: {args.summary}")
     try:
         rows = json.loads(args.summary.read_text(encoding="utf-8"))
-        doc = args.doc.read_text(encoding="utf-8")
         new = render(doc, rows, str(args.doc))
     except (SpotlightError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise SystemExit(f"results_md: {error}") from None

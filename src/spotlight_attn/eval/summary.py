@@ -27,10 +27,11 @@ from spotlight_attn.errors import SpotlightError
 from spotlight_attn.eval.stats import mean_interval
 
 FIGURES = ("mass", "ppl_vs_dense", "needle_acc")
+_SIMHASH = re.compile(r"linear(\d+)")  # the eval CLI's SimHash methods: linear<bits>
 
 
 def _bits(method: str, meta: dict) -> int | None:
-    match = re.fullmatch(r"linear(\d+)", method)
+    match = _SIMHASH.fullmatch(method)
     if match:
         return int(match[1])
     if method == "spotlight":
@@ -114,7 +115,7 @@ def write_summary(path: str | Path, rows: list[dict]) -> Path:
 
 def method_label(method: str, bits: int | None) -> str:
     """The name a table prints: spotlight -> spotlight-128, linear1024 -> SimHash-1024, others as they are."""
-    match = re.fullmatch(r"linear(\d+)", method)
+    match = _SIMHASH.fullmatch(method)
     if match:
         return f"SimHash-{match[1]}"
     return f"{method}-{bits}" if method == "spotlight" and bits else method
